@@ -1,0 +1,3 @@
+from metac.cli.main import main
+
+main()

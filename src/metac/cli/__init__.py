@@ -1,0 +1,1 @@
+"""The `metac` command line: argparse front, one module per command group."""

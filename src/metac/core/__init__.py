@@ -1,0 +1,1 @@
+"""Shared plumbing of every metac process; knows no service."""

@@ -1,0 +1,80 @@
+"""main() shared by every metac daemon: logging, signals, the kj event loop, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+
+import capnp
+
+from metac import errors
+from metac.core.holder import drain_background
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(name: str, level: str | None = None) -> None:
+    level = level or os.environ.get("METAC_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+def run_daemon(name: str, body: Callable[[], Awaitable[int | None]]) -> int:
+    """Run ``body`` inside the kj loop until it returns or SIGTERM/SIGINT cancels it."""
+    setup_logging(name)
+
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        stopping = False
+
+        def on_signal(signum: int) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                log.info("got %s, stopping", signal.Signals(signum).name)
+                task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            code = await body()
+        except asyncio.CancelledError:
+            if not stopping:
+                raise
+            code = 0
+        except errors.MetacError as exc:
+            log.error("%s", exc.wire())
+            code = exc.exit_code
+        finally:
+            await drain_background()
+        return int(code or 0)
+
+    try:
+        return asyncio.run(capnp.run(main()))
+    except KeyboardInterrupt:
+        return 0

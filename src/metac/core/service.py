@@ -1,0 +1,193 @@
+"""Base of every service process: register with the node, persist and restore objects.
+
+A service is a ``ServiceDefinition`` subclass. ``run_service`` connects to the
+node's admin socket, gets a persistence handler, registers the service's
+restorer and its two bootstrap capabilities (``Service`` for everybody,
+``ServiceAdmin`` for root), and serves until stopped. If the persistence service
+goes away the process exits with ``EXIT_RESTART`` so the node restarts it and it
+registers afresh.
+
+Server classes make their objects persistable with ``PersistableMixin``: they
+describe themselves (category, JSON data, capabilities they hold) and the
+mixin asks persistence for a sturdy ref. After a restart, persistence calls the
+service's restorer with the same description; ``ServiceDefinition.restorers``
+maps each category to the function that rebuilds the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from metac import errors
+from metac.core.paths import ServiceEnv, admin_socket
+from metac.core.process import run_daemon
+from metac.core.rpc import Servant, connect_unix
+from metac.core.supervisor import Supervisor
+from metac.schema.load import core, persistence
+
+log = logging.getLogger(__name__)
+
+EXIT_RESTART = 75  # EX_TEMPFAIL: "start me again"
+
+
+@dataclass
+class Description:
+    """How to rebuild an object: its category, JSON data and the capabilities it holds."""
+
+    category: str
+    data: dict[str, Any] = field(default_factory=dict)
+    caps: list[Any] = field(default_factory=list)
+    active: bool = False
+
+
+Restore = Callable[["ServiceContext", dict[str, Any], list[Any]], Awaitable[Any]]
+
+
+class ServiceContext:
+    """What a service's server classes are given: identity, node, persistence, supervisor."""
+
+    def __init__(self, env: ServiceEnv, node_admin: Any, handler: Any, supervisor: Supervisor) -> None:
+        self.env = env
+        self.name = env.name
+        self.node_admin = node_admin
+        self.handler = handler
+        self.supervisor = supervisor
+
+    def node_address(self) -> Any:
+        addr = core.NodeAddress.new_message()
+        addr.ip = self.env.node_address
+        addr.port = self.env.node_port if self.env.node_port != 901 else 0
+        return addr
+
+    async def create_ref(self, obj: Any, desc: Description, runtime_id: str,
+                         group: Any, persistent: bool) -> Any:
+        """Ask persistence for a sturdy ref to ``obj`` (a server object of this service)."""
+        msg = persistence.CapDescription.new_message()
+        msg.runtimeId = runtime_id
+        msg.category = desc.category
+        msg.description = json.dumps(desc.data, sort_keys=True).encode()
+        msg.active = desc.active
+        caps = msg.init("caps", len(desc.caps))
+        for i, cap in enumerate(desc.caps):
+            caps[i] = cap
+        res = await self.handler.createSturdyRef(group=group, description=msg,
+                                                 persistent=persistent, cap=obj)
+        return res.ref
+
+
+class PersistableMixin(Servant):
+    """Implements Persistable.createSturdyRef for a server class of a service.
+
+    The class sets ``self._ctx`` and implements ``_describe()``.
+    """
+
+    _ctx: ServiceContext
+    _runtime_id: str | None = None
+
+    def _describe(self) -> Description:
+        raise errors.Unsupported(f"{type(self).__name__} cannot be persisted")
+
+    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any, **kwargs: Any) -> None:
+        if self._runtime_id is None:
+            self._runtime_id = secrets.token_hex(16)
+        ref = await self._ctx.create_ref(self, self._describe(), self._runtime_id, rgroup, persistent)
+        _context.results.id = ref
+
+
+class ServiceDefinition:
+    """One service: its name, its admin bootstrap object and its restorers."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    #: category -> coroutine rebuilding the object from its description.
+    restorers: ClassVar[dict[str, Restore]] = {}
+
+    def admin(self) -> Any:
+        """The ServiceAdmin server object (root only)."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Called once before registration (reap leftovers, sweep stale kernel objects)."""
+
+    async def aclose(self) -> None:
+        """Called once when the service stops."""
+
+
+class ServiceBootstrap(Servant, core.Service.Server):
+    """Service for everybody: only restore, scoped to this service's refs."""
+
+    def __init__(self, handler: Any) -> None:
+        self._handler = handler
+
+    async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
+        res = await self._handler.restore(objectInfo)
+        _context.results.obj = res.obj.as_interface(core.Persistable)
+
+
+class RestorerServer(Servant, persistence.Restorer.Server):
+    def __init__(self, service: ServiceDefinition) -> None:
+        self._service = service
+        self._closed = asyncio.get_running_loop().create_future()
+
+    async def restoreFromDescription(self, description: Any, _context: Any, **kwargs: Any) -> None:
+        category = description.category
+        restore = self._service.restorers.get(category)
+        if restore is None:
+            raise errors.NotFound(f"service {self._service.name} cannot restore {category!r}")
+        try:
+            data = json.loads(bytes(description.description) or b"{}")
+        except ValueError:
+            raise errors.InvalidArgument("corrupt description") from None
+        caps = list(description.caps)
+        obj = await restore(self._service.ctx, data, caps)
+        _context.results.cap = obj
+
+    async def wait(self, **kwargs: Any) -> None:
+        await asyncio.shield(self._closed)
+
+
+def run_service(definition: type[ServiceDefinition]) -> None:
+    """Entry point of a service process (``python -m metac.<service>``)."""
+    sys.exit(run_daemon(definition.name, lambda: _serve(definition)))
+
+
+async def _serve(definition: type[ServiceDefinition]) -> int:
+    env = ServiceEnv.from_environ(definition.name)
+    supervisor = Supervisor(env.state_dir, env.name)
+    await supervisor.reap_orphans()
+    try:
+        async with connect_unix(admin_socket(env.runtime_dir)) as conn:
+            node_admin = conn.bootstrap(core.NodeAdmin)
+            padmin = (await node_admin.getServiceAdmin("persistence")).service
+            padmin = padmin.cast_as(persistence.PersistenceAdmin)
+            handler = (await padmin.getHandlerFor(env.name)).handler
+            ctx = ServiceContext(env, node_admin, handler, supervisor)
+            service = definition(ctx)
+            await service.start()
+            try:
+                restorer = RestorerServer(service)
+                restorer_holder = (await handler.registerRestorer(restorer)).holder
+                registration = (await node_admin.registerNamedService(
+                    env.name, ServiceBootstrap(handler), service.admin())).holder
+                log.info("service %s registered", env.name)
+                try:
+                    # Returns (or fails) only when persistence goes away.
+                    await handler.watch()
+                except Exception as exc:
+                    log.warning("persistence went away (%s); restarting", errors.from_kj(exc))
+                del restorer_holder, registration
+                return EXIT_RESTART
+            finally:
+                await service.aclose()
+    finally:
+        await supervisor.aclose()

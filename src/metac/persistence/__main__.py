@@ -1,0 +1,3 @@
+from metac.persistence.service import main
+
+main()

@@ -1,0 +1,390 @@
+"""Persistence service server classes: admin, per-service handlers, groups.
+
+The live-object cache maps stored object ids to capabilities. It is filled by
+createSturdyRef (the live object) and by restoring (the restorer's result), and
+emptied per service when that service's restorer goes away, so a restarted
+service's objects are restored afresh instead of being handed out broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+from typing import Any
+
+from metac import errors
+from metac.codec.refs import SturdyRef
+from metac.core.client import NodePool, ref_from_struct, ref_to_struct
+from metac.core.holder import HolderServer
+from metac.core.paths import ServiceEnv, admin_socket
+from metac.core.process import run_daemon
+from metac.core.rpc import Servant, connect_unix
+from metac.persistence.sealing import load_or_create_key, seal, unseal
+from metac.persistence.store import Store, secret_hash, short_id_of
+from metac.schema.load import core, persistence
+
+log = logging.getLogger("metac.persistence")
+
+SECRET_BYTES = 24  # 192 random bits per ref
+RESTORER_WAIT = 30.0  # how long a restore waits for a (re)starting service
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+
+
+class Persistence:
+    """State of the persistence service, shared by its server objects."""
+
+    def __init__(self, env: ServiceEnv, store: Store, key: bytes) -> None:
+        self.env = env
+        self.store = store
+        self.key = key
+        self.live: dict[int, Any] = {}
+        self.live_service: dict[int, str] = {}
+        self.restorers: dict[str, Any] = {}
+        self.restorer_changed: dict[str, asyncio.Event] = {}
+        self.handlers: dict[str, HandlerServer] = {}
+        self.locks: dict[int, asyncio.Lock] = {}
+        self.pool = NodePool()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # --- ownership of background work ---
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.live.clear()
+        await self.pool.aclose()
+        self.store.close()
+
+    # --- refs ---
+
+    def make_ref_struct(self, service: str, secret: bytes) -> Any:
+        ref = SturdyRef.from_parts(self.env.node_address,
+                                   self.env.node_port if self.env.node_port != 901 else None,
+                                   service, secret)
+        return ref_to_struct(ref)
+
+    def is_local(self, ref: SturdyRef) -> bool:
+        port = self.env.node_port if self.env.node_port != 901 else None
+        return ref.node == SturdyRef.from_parts(
+            self.env.node_address, port, "x", b"\0" * 16).node and ref.port == port
+
+    def drop_live(self, object_ids: list[int]) -> None:
+        for oid in object_ids:
+            self.live.pop(oid, None)
+            self.live_service.pop(oid, None)
+
+    def drop_live_of(self, service: str) -> None:
+        self.drop_live([oid for oid, svc in self.live_service.items() if svc == service])
+
+    # --- restorers ---
+
+    def set_restorer(self, service: str, restorer: Any | None) -> None:
+        self.drop_live_of(service)
+        if restorer is None:
+            self.restorers.pop(service, None)
+        else:
+            self.restorers[service] = restorer
+        event = self.restorer_changed.pop(service, None)
+        if event is not None:
+            event.set()
+
+    async def wait_restorer(self, service: str, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while service not in self.restorers:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise errors.Unavailable(f"service {service!r} is not running; try again")
+            event = self.restorer_changed.setdefault(service, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.restorers[service]
+
+    # --- restoring ---
+
+    async def restore_secret(self, service: str | None, secret: bytes) -> Any:
+        row = self.store.lookup(secret_hash(secret))
+        if row is None or (service is not None and row.service != service):
+            # Same answer for unknown, revoked and wrong-service refs.
+            raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+        return await self.live_object(row.object_id)
+
+    async def live_object(self, object_id: int, timeout: float = RESTORER_WAIT) -> Any:
+        cap = self.live.get(object_id)
+        if cap is not None:
+            return cap
+        lock = self.locks.setdefault(object_id, asyncio.Lock())
+        async with lock:
+            cap = self.live.get(object_id)
+            if cap is not None:
+                return cap
+            obj = self.store.get_object(object_id)
+            if obj is None:
+                raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+            cap = await self._restore_with_backoff(obj, timeout)
+            if self.store.object_exists(object_id):
+                self.live[object_id] = cap
+                self.live_service[object_id] = obj.service
+        self.locks.pop(object_id, None)
+        return cap
+
+    async def _restore_with_backoff(self, obj: Any, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                restorer = await self.wait_restorer(obj.service, max(deadline - loop.time(), 0))
+                nested = await self._restore_nested(obj.sealed_caps)
+                msg = persistence.CapDescription.new_message()
+                msg.runtimeId = obj.runtime_id
+                msg.category = obj.category
+                msg.description = obj.description
+                msg.active = obj.active
+                caps = msg.init("caps", len(nested))
+                for i, cap in enumerate(nested):
+                    caps[i] = cap
+                res = await restorer.restoreFromDescription(msg)
+                return res.cap.as_interface(core.Persistable)
+            except Exception as exc:
+                err = errors.from_kj(exc)
+                if isinstance(err, errors.NotFound | errors.InvalidArgument | errors.Unsupported):
+                    raise err from None
+                if loop.time() + backoff > deadline:
+                    raise errors.Unavailable(
+                        f"cannot restore {obj.category} of service {obj.service}: {err}") from None
+                log.info("restoring object %d of %s failed (%s); retrying in %.1f s",
+                         obj.id, obj.service, err, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _restore_nested(self, sealed: bytes | None) -> list[Any]:
+        if not sealed:
+            return []
+        texts = json.loads(unseal(self.key, sealed))
+        out = []
+        for text in texts:
+            ref = SturdyRef.parse(text)
+            if self.is_local(ref):
+                out.append(await self.restore_secret(ref.service, ref.secret_bytes))
+            else:
+                try:
+                    out.append(await self.pool.restore(ref))
+                except errors.Unavailable:
+                    self.pool.forget(ref.node, ref.port)
+                    raise
+        return out
+
+    async def restore_active(self, service: str) -> None:
+        ids = self.store.objects_of(service, active_only=True)
+        if ids:
+            log.info("re-establishing %d active object(s) of %s", len(ids), service)
+        for oid in ids:
+            try:
+                await self.live_object(oid)
+            except errors.MetacError as exc:
+                log.warning("could not restore active object %d of %s: %s", oid, service, exc)
+
+    # --- creating ---
+
+    async def create_ref(self, service: str, group: Any, description: Any, persistent: bool,
+                         cap: Any) -> Any:
+        group_id = None
+        if group is not None:
+            try:
+                name = (await group.name()).name
+            except Exception:
+                name = None
+            if name:
+                group_id = self.store.group_id(name)
+                if group_id is None:
+                    raise errors.NotFound(f"no resource group {name!r}")
+        nested = []
+        for sub in description.caps:
+            res = await sub.createSturdyRef(persistent=True)
+            nested.append(ref_from_struct(res.id).format())
+        sealed = seal(self.key, json.dumps(nested).encode()) if nested else None
+        runtime_id = description.runtimeId or secrets.token_hex(16)
+        object_id = self.store.upsert_object(
+            service, description.category, runtime_id, bytes(description.description), sealed,
+            description.active)
+        secret = secrets.token_bytes(SECRET_BYTES)
+        self.store.add_ref(secret_hash(secret), object_id, persistent, group_id)
+        self.live[object_id] = cap.as_interface(core.Persistable)
+        self.live_service[object_id] = service
+        return self.make_ref_struct(service, secret)
+
+
+class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
+    def __init__(self, state: Persistence, service: str) -> None:
+        self._state = state
+        self._service = service
+
+    async def registerRestorer(self, restorer: Any, _context: Any, **kwargs: Any) -> None:
+        state, service = self._state, self._service
+        state.set_restorer(service, restorer)
+        log.info("restorer of %s registered", service)
+
+        async def watch() -> None:
+            try:
+                await restorer.wait()
+            except Exception:
+                pass
+            if state.restorers.get(service) is restorer:
+                log.info("restorer of %s went away", service)
+                state.set_restorer(service, None)
+
+        state.spawn(watch(), f"watch restorer {service}")
+        state.spawn(state.restore_active(service), f"restore active {service}")
+
+        def unregister() -> None:
+            if state.restorers.get(service) is restorer:
+                state.set_restorer(service, None)
+
+        _context.results.holder = HolderServer(unregister, f"restorer of {service}")
+
+    async def createSturdyRef(self, group: Any, description: Any, persistent: bool, cap: Any,
+                              _context: Any, **kwargs: Any) -> None:
+        _context.results.ref = await self._state.create_ref(
+            self._service, group, description, persistent, cap)
+
+    async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
+        _context.results.obj = await self._state.restore_secret(self._service, bytes(objectInfo))
+
+    async def watch(self, **kwargs: Any) -> None:
+        await asyncio.Event().wait()
+
+
+class GroupServer(Servant, core.ResourceGroup.Server):
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    async def name(self, **kwargs: Any) -> str:
+        return self._name
+
+
+def _fill_info(out: Any, row: Any) -> None:
+    out.shortId = row.short_id
+    out.service = row.service
+    out.category = row.category
+    out.persistent = row.persistent
+    out.created = row.created
+    out.group = row.group
+
+
+class AdminServer(Servant, persistence.PersistenceAdmin.Server):
+    def __init__(self, state: Persistence) -> None:
+        self._state = state
+
+    async def getHandlerFor(self, serviceName: str, _context: Any, **kwargs: Any) -> None:
+        handler = self._state.handlers.get(serviceName)
+        if handler is None:
+            handler = self._state.handlers[serviceName] = HandlerServer(self._state, serviceName)
+        _context.results.handler = handler
+
+    async def listRefs(self, _context: Any, **kwargs: Any) -> None:
+        rows = self._state.store.list_refs()
+        out = _context.results.init("refs", len(rows))
+        for i, row in enumerate(rows):
+            _fill_info(out[i], row)
+            out[i].live = row.object_id in self._state.live
+
+    async def getRefInfo(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
+        row = self._state.store.lookup(secret_hash(bytes(objectInfo)))
+        if row is None:
+            raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+        _fill_info(_context.results.init("info"), row)
+        _context.results.info.live = row.object_id in self._state.live
+
+    async def deleteRef(self, objectInfo: bytes, shortId: str, _context: Any, **kwargs: Any) -> None:
+        store = self._state.store
+        if objectInfo:
+            digest = secret_hash(bytes(objectInfo))
+        else:
+            if len(shortId) < 6:
+                raise errors.InvalidArgument("a short id needs at least 6 hex digits")
+            matches = store.find_by_short_id(shortId.lower())
+            if not matches:
+                raise errors.NotFound(f"no ref with short id {shortId!r}")
+            if len(matches) > 1:
+                raise errors.InvalidArgument(f"short id {shortId!r} is ambiguous")
+            digest = matches[0]
+        info, dropped = store.delete_ref(digest)
+        if info is None:
+            raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+        self._state.drop_live(dropped)
+        log.info("revoked ref %s (%s/%s)", short_id_of(digest), info.service, info.category)
+        _fill_info(_context.results.init("info"), info)
+
+    async def createGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
+        _check_group(name)
+        self._state.store.create_group(name)
+        _context.results.group = GroupServer(name)
+
+    async def getGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
+        if self._state.store.group_id(_check_group(name)) is None:
+            raise errors.NotFound(f"no resource group {name!r}")
+        _context.results.group = GroupServer(name)
+
+    async def dropGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
+        n, dropped = self._state.store.drop_group(_check_group(name))
+        if n < 0:
+            raise errors.NotFound(f"no resource group {name!r}")
+        self._state.drop_live(dropped)
+        _context.results.revoked = n
+
+
+def _check_group(name: str) -> str:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        raise errors.InvalidArgument("group names are 1-64 letters, digits, '-', '_' or '.'")
+    return name
+
+
+class BootstrapServer(Servant, core.Service.Server):
+    """Service 'persistence' for everybody: restores refs whose service is 'persistence'."""
+
+    def __init__(self, state: Persistence) -> None:
+        self._state = state
+
+    async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
+        _context.results.obj = await self._state.restore_secret("persistence", bytes(objectInfo))
+
+
+async def serve() -> int:
+    env = ServiceEnv.from_environ("persistence")
+    os.makedirs(env.state_dir, mode=0o700, exist_ok=True)
+    store = Store(os.path.join(env.state_dir, "refs.sqlite3"), env.node_instance)
+    key = load_or_create_key(os.path.join(env.state_dir, "node.key"))
+    purged = store.purge_stale()
+    if purged:
+        log.info("dropped %d non-persistent ref(s) of an earlier node run", purged)
+    state = Persistence(env, store, key)
+    try:
+        async with connect_unix(admin_socket(env.runtime_dir)) as conn:
+            node_admin = conn.bootstrap(core.NodeAdmin)
+            registration = (await node_admin.registerNamedService(
+                "persistence", BootstrapServer(state), AdminServer(state))).holder
+            log.info("service persistence registered")
+            # Lives until the node stops us (or dies: PDEATHSIG).
+            await asyncio.Event().wait()
+            del registration
+    finally:
+        await state.aclose()
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_daemon("persistence", serve))

@@ -1,0 +1,197 @@
+"""SQLite store of sturdy refs: synchronous, no RPC.
+
+Tables: ``objects`` (what to restore: service, category, description, sealed
+nested refs), ``refs`` (sha256 of a secret -> object; one object may have many
+refs), ``groups``. Non-persistent refs carry the node instance that made them
+and are purged when a new node instance starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY,
+    service TEXT NOT NULL,
+    category TEXT NOT NULL,
+    runtime_id TEXT NOT NULL,
+    description BLOB NOT NULL,
+    sealed_caps BLOB,
+    active INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS objects_runtime ON objects (service, runtime_id);
+CREATE TABLE IF NOT EXISTS refs (
+    hash BLOB PRIMARY KEY,
+    short_id TEXT NOT NULL,
+    object_id INTEGER NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
+    persistent INTEGER NOT NULL,
+    instance TEXT NOT NULL,
+    group_id INTEGER REFERENCES groups (id),
+    created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS refs_object ON refs (object_id);
+CREATE INDEX IF NOT EXISTS refs_short ON refs (short_id);
+CREATE INDEX IF NOT EXISTS refs_group ON refs (group_id);
+"""
+
+SHORT_ID_LEN = 12
+
+
+def secret_hash(secret: bytes) -> bytes:
+    # Secrets carry >= 128 random bits, so a plain hash is enough to make the
+    # stored value useless as a secret.
+    return hashlib.sha256(b"metac-ref\0" + secret).digest()
+
+
+def short_id_of(digest: bytes) -> str:
+    return digest.hex()[:SHORT_ID_LEN]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    id: int
+    service: str
+    category: str
+    runtime_id: str
+    description: bytes
+    sealed_caps: bytes | None
+    active: bool
+
+
+@dataclass(frozen=True)
+class RefRow:
+    short_id: str
+    object_id: int
+    service: str
+    category: str
+    persistent: bool
+    created: float
+    group: str
+
+
+class Store:
+    def __init__(self, path: str, instance: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self.instance = instance
+
+    def close(self) -> None:
+        self.db.close()
+
+    def purge_stale(self) -> int:
+        """Drop non-persistent refs of earlier node instances, then unreferenced objects."""
+        with self.db:
+            n = self.db.execute(
+                "DELETE FROM refs WHERE persistent = 0 AND instance != ?", (self.instance,)
+            ).rowcount
+            self._drop_orphans()
+        return n
+
+    def _drop_orphans(self) -> list[int]:
+        rows = self.db.execute(
+            "SELECT id FROM objects WHERE id NOT IN (SELECT object_id FROM refs)").fetchall()
+        ids = [r[0] for r in rows]
+        self.db.executemany("DELETE FROM objects WHERE id = ?", [(i,) for i in ids])
+        return ids
+
+    def upsert_object(self, service: str, category: str, runtime_id: str, description: bytes,
+                      sealed_caps: bytes | None, active: bool) -> int:
+        with self.db:
+            row = self.db.execute(
+                "SELECT id FROM objects WHERE service = ? AND runtime_id = ?",
+                (service, runtime_id)).fetchone()
+            if row is not None:
+                self.db.execute(
+                    "UPDATE objects SET category = ?, description = ?, sealed_caps = ?, active = ?"
+                    " WHERE id = ?", (category, description, sealed_caps, int(active), row[0]))
+                return int(row[0])
+            cur = self.db.execute(
+                "INSERT INTO objects (service, category, runtime_id, description, sealed_caps,"
+                " active, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (service, category, runtime_id, description, sealed_caps, int(active), time.time()))
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def add_ref(self, digest: bytes, object_id: int, persistent: bool, group_id: int | None) -> str:
+        short = short_id_of(digest)
+        with self.db:
+            self.db.execute(
+                "INSERT INTO refs (hash, short_id, object_id, persistent, instance, group_id, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (digest, short, object_id, int(persistent), self.instance, group_id, time.time()))
+        return short
+
+    def get_object(self, object_id: int) -> StoredObject | None:
+        row = self.db.execute(
+            "SELECT id, service, category, runtime_id, description, sealed_caps, active"
+            " FROM objects WHERE id = ?", (object_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredObject(row[0], row[1], row[2], row[3], bytes(row[4]),
+                            bytes(row[5]) if row[5] is not None else None, bool(row[6]))
+
+    _REF_SELECT = (
+        "SELECT r.short_id, r.object_id, o.service, o.category, r.persistent, r.created,"
+        " COALESCE(g.name, '') FROM refs r JOIN objects o ON o.id = r.object_id"
+        " LEFT JOIN groups g ON g.id = r.group_id"
+    )
+
+    def lookup(self, digest: bytes) -> RefRow | None:
+        row = self.db.execute(self._REF_SELECT + " WHERE r.hash = ?", (digest,)).fetchone()
+        return RefRow(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) if row else None
+
+    def list_refs(self) -> list[RefRow]:
+        rows = self.db.execute(self._REF_SELECT + " ORDER BY r.created").fetchall()
+        return [RefRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def find_by_short_id(self, short: str) -> list[bytes]:
+        rows = self.db.execute("SELECT hash FROM refs WHERE short_id LIKE ? || '%'",
+                               (short,)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def delete_ref(self, digest: bytes) -> tuple[RefRow | None, list[int]]:
+        """Delete a ref; returns it and the ids of objects left with no ref (deleted too)."""
+        info = self.lookup(digest)
+        if info is None:
+            return None, []
+        with self.db:
+            self.db.execute("DELETE FROM refs WHERE hash = ?", (digest,))
+            dropped = self._drop_orphans()
+        return info, dropped
+
+    def objects_of(self, service: str, *, active_only: bool) -> list[int]:
+        sql = "SELECT id FROM objects WHERE service = ?" + (" AND active = 1" if active_only else "")
+        return [r[0] for r in self.db.execute(sql, (service,)).fetchall()]
+
+    def object_exists(self, object_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM objects WHERE id = ?", (object_id,)).fetchone() is not None
+
+    # groups
+
+    def create_group(self, name: str) -> int:
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO groups (name, created) VALUES (?, ?)",
+                            (name, time.time()))
+        return self.group_id(name)  # type: ignore[return-value]
+
+    def group_id(self, name: str) -> int | None:
+        row = self.db.execute("SELECT id FROM groups WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def drop_group(self, name: str) -> tuple[int, list[int]]:
+        gid = self.group_id(name)
+        if gid is None:
+            return -1, []
+        with self.db:
+            n = self.db.execute("DELETE FROM refs WHERE group_id = ?", (gid,)).rowcount
+            self.db.execute("DELETE FROM groups WHERE id = ?", (gid,))
+            dropped = self._drop_orphans()
+        return n, dropped

@@ -1,0 +1,85 @@
+@0x88bec3c9c60767aa;
+# Core of the MetaContainer protocol (paper sections 2 and 5).
+
+struct NodeAddress {
+  ip @0 :Text;
+  # Textual IPv4 or IPv6 address of the node.
+  port @1 :UInt16;
+  # Added to the paper's struct: the node's RPC port, so several nodes can
+  # share one machine. 0 means the well-known port 901.
+}
+
+interface Holder extends(Persistable) {
+  # Keeps an action (a mount, a bind, a tunnel) alive; dropping every
+  # reference undoes it. Extends Persistable (added) so that an action made
+  # with --persistent can be kept as a sturdy ref and re-established after a
+  # restart.
+  release @0 ();
+  # Added: undo the action now instead of waiting for the last reference to
+  # go away, so a client can release explicitly and know it happened.
+}
+
+interface ResourceGroup {
+  # Accounting group. Refs created in a group are revoked when the group is
+  # dropped (see persistence.capnp, PersistenceAdmin.dropGroup).
+  name @0 () -> (name :Text);
+  # Added (the paper's group has no methods): lets the persistence service
+  # file a ref under the group it was given.
+}
+
+struct MetacSturdyRef {
+  node @0 :NodeAddress;
+  service @1 :Text;
+  # The service the object lives in; restored through Node.getService(service).
+  objectInfo @2 :Data;
+  # Deviation: Data instead of AnyPointer. Our refs are always printable, and
+  # the payload is an unguessable secret (>= 128 random bits).
+}
+
+interface Persistable {
+  createSturdyRef @0 (rgroup :ResourceGroup, persistent :Bool) -> (id :MetacSturdyRef);
+}
+
+interface Waitable {
+  # Added: something that ends (a process, a VM). wait() returns when it does.
+  wait @0 ();
+}
+
+interface Destroyable {
+  # Added: something that can be torn down explicitly.
+  destroy @0 ();
+}
+
+interface Service {
+  # Unprivileged bootstrap interface of a service.
+  restore @0 (objectInfo :Data) -> (obj :AnyPointer);
+  # objectInfo is Data for the same reason as in MetacSturdyRef.
+}
+
+interface ServiceAdmin {
+  # Privileged bootstrap interface of a service; each service extends it.
+}
+
+interface Node {
+  # Bootstrap interface for everybody (TCP port 901).
+  address @0 () -> (address :NodeAddress);
+  getService @1 (name :Text) -> (service :Service);
+}
+
+struct ServiceStatus {
+  # Added for `metac node status`.
+  name @0 :Text;
+  state @1 :Text;       # "starting", "registered", "restarting", "stopped"
+  pid @2 :Int32;
+  restarts @3 :UInt32;
+}
+
+interface NodeAdmin {
+  # Bootstrap interface for root (unix socket in the runtime dir, mode 0600).
+  getServiceAdmin @0 (name :Text) -> (service :ServiceAdmin);
+  registerNamedService @1 (name :Text, service :Service, adminBootstrap :ServiceAdmin)
+      -> (holder :Holder);
+  getUnprivilegedNode @2 () -> (node :Node);
+  listServices @3 () -> (services :List(ServiceStatus));
+  # Added: service states for `metac node status`.
+}

@@ -1,0 +1,3 @@
+"""Shared pytest configuration for the metac test suite."""
+
+pytest_plugins = ["metac.testing.fixtures"]
