@@ -135,7 +135,7 @@ class SturdyRef:
         return _decode_secret(self.secret)
 
     def format(self) -> str:
-        """The full canonical text, secret included. The only way to get the secret out."""
+        """The full canonical text, secret included (str() and repr() redact it)."""
         return f"ref://{self._authority()}/{self.service}/{self.secret}"
 
     def redacted(self) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from metac import errors
+from metac.core.client import NodePool, ref_from_struct
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import run_daemon
 from metac.core.rpc import Servant, connect_unix
@@ -59,6 +60,18 @@ class ServiceContext:
         self.node_admin = node_admin
         self.handler = handler
         self.supervisor = supervisor
+        self.pool = NodePool()
+
+    async def adopt(self, cap: Any, interface: Any = None) -> Any:
+        """A capability to keep: the same object, reached over our own connection.
+
+        A capability passed in by a client is proxied through that client's
+        connection and breaks when the client goes away (pycapnp has no
+        three-party handoff). Restoring a sturdy ref of it from its own node
+        gives a direct reference that outlives the client.
+        """
+        res = await cap.cast_as(core.Persistable).createSturdyRef(persistent=False)
+        return await self.pool.restore(ref_from_struct(res.id), interface)
 
     def node_address(self) -> Any:
         addr = core.NodeAddress.new_message()
@@ -189,5 +202,6 @@ async def _serve(definition: type[ServiceDefinition]) -> int:
                 return EXIT_RESTART
             finally:
                 await service.aclose()
+                await ctx.pool.aclose()
     finally:
         await supervisor.aclose()

@@ -67,7 +67,8 @@ class DemoAdminServer(Servant, demo.DemoAdmin.Server):
         _context.results.counter = CounterServer(self._ctx, name)
 
     async def makeBox(self, label: str, cap: Any, _context: Any, **kwargs: Any) -> None:
-        _context.results.box = BoxServer(self._ctx, label, cap.cast_as(core.Persistable))
+        held = await self._ctx.adopt(cap, core.Persistable)
+        _context.results.box = BoxServer(self._ctx, label, held)
 
 
 async def _restore_counter(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
