@@ -320,3 +320,57 @@ def test_node_address_and_ipv6_refs(nodes_factory) -> None:
     # The node listens on its IPv4 address only; an IPv6 ref fails cleanly.
     proc = demo(b, "increment", v6, "1", check=False)
     assert proc.returncode != 0 and "Unavailable" in proc.stderr
+
+
+def _wait_leases(node: NodeHost, expected: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = demo(node, "leases").stdout.strip()
+        if got == expected or time.monotonic() > deadline:
+            assert got == expected
+            return
+        time.sleep(0.1)
+
+
+def test_holders_released_when_client_connection_ends(nodes_factory) -> None:
+    (a,) = nodes_factory(1, DEMO)
+    procs = {}
+    for label in ("killed", "exited", "released"):
+        extra = ["--release-after", "0.5"] if label == "released" else []
+        procs[label] = a.host.popen(
+            [sys.executable, "-m", "metac.testing.democli", "lease", label, *extra],
+            env=a.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for proc in procs.values():
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+        assert procs["released"].stdout.readline().strip() == "released"  # type: ignore[union-attr]
+        _wait_leases(a, "exited killed")
+        procs["killed"].kill()  # SIGKILL: the connection just ends
+        procs["killed"].wait()
+        _wait_leases(a, "exited")
+        procs["exited"].terminate()
+        procs["exited"].wait()
+        _wait_leases(a, "")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_two_refs_to_one_object_share_it(nodes_factory) -> None:
+    a, b = nodes_factory(2, DEMO)
+    box_a = demo(a, "make-counter", "shared", "--persistent").stdout.strip()
+    # A second ref to the same live object (runtime id dedup): a box restored from the first
+    # ref, persisted again, stores the counter once and mints a second secret for it.
+    box = demo(a, "make-box", "b", box_a, "--persistent").stdout.strip()
+    listed = json.loads(a.metac("ref", "ls", "--json").stdout)
+    counters = [r for r in listed if r["category"] == "counter"]
+    # The exported ref, the transient one the demo service made to adopt the capability
+    # (ServiceContext.adopt), and the nested persistent one the box's description holds.
+    assert sorted(r["persistent"] for r in counters) == [False, True, True]
+    assert demo(b, "increment", box_a, "2").stdout.strip() == "2"
+    assert demo(b, "box-get", box, "3").stdout.strip() == "5"  # the same object
+    a.metac("ref", "rm", box_a)
+    # The object stays alive while the nested ref holds it.
+    assert demo(b, "box-get", box, "1").stdout.strip() == "6"

@@ -23,4 +23,8 @@ interface DemoAdmin extends(Core.ServiceAdmin) {
   # pycapnp clients pass `name` positionally (here and below): name= clashes with
   # the first parameter of the client's _send(name, ...).
   makeBox @1 (label :Text, cap :Core.Persistable) -> (box :Box);
+  lease @2 (label :Text) -> (holder :Core.Holder);
+  # A holder that keeps `label` in the lease list until it is released or
+  # dropped (tests that a client's holders die with its connection).
+  leases @3 () -> (labels :List(Text));
 }

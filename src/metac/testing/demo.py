@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from metac import errors
+from metac.core.holder import HolderServer
 from metac.core.rpc import Servant
 from metac.core.service import (
     Description,
@@ -58,8 +59,17 @@ class BoxServer(PersistableMixin, demo.Box.Server):
 
 
 class DemoAdminServer(Servant, demo.DemoAdmin.Server):
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, leases: list[str]) -> None:
         self._ctx = ctx
+        self._leases = leases
+
+    async def lease(self, label: str, _context: Any, **kwargs: Any) -> None:
+        leases = self._leases
+        leases.append(label)
+        _context.results.holder = HolderServer(lambda: leases.remove(label), f"lease {label}")
+
+    async def leases(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.labels = list(self._leases)
 
     async def makeCounter(self, name: str, _context: Any, **kwargs: Any) -> None:
         if not name:
@@ -85,8 +95,12 @@ class DemoService(ServiceDefinition):
     name = "demo"
     restorers = {"counter": _restore_counter, "box": _restore_box}
 
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.leases: list[str] = []
+
     def admin(self) -> Any:
-        return DemoAdminServer(self.ctx)
+        return DemoAdminServer(self.ctx, self.leases)
 
 
 def main() -> None:

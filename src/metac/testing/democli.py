@@ -5,6 +5,8 @@ Commands (refs printed in full on stdout, one per line):
   make-box LABEL REF [--persistent]              box (on the local node) holding REF's object
   increment REF N                                increment a counter by N, print its value
   box-get REF N                                  increment the counter inside a box
+  lease LABEL [--release-after S]               hold a lease (a Holder) until killed
+  leases                                         labels of the live leases
   try-secrets NODE PORT SERVICE FILE             try every line of FILE as a secret; print hits
 """
 
@@ -61,6 +63,24 @@ async def box_get(args) -> None:
         print((await counter.increment(args.n)).value)
 
 
+async def lease(args) -> None:
+    async with api.connect_admin() as admin:
+        d = await _demo_admin(admin)
+        holder = (await d.lease(args.label)).holder
+        print("holding", flush=True)
+        if args.release_after >= 0:
+            await asyncio.sleep(args.release_after)
+            await holder.release()
+            print("released", flush=True)
+        await asyncio.sleep(3600)
+
+
+async def leases(args) -> None:
+    async with api.connect_admin() as admin:
+        d = await _demo_admin(admin)
+        print(" ".join(sorted((await d.leases()).labels)))
+
+
 async def try_secrets(args) -> None:
     hits = 0
     async with api.NodePool() as pool:
@@ -101,6 +121,12 @@ def main() -> None:
     s.add_argument("ref")
     s.add_argument("n", type=int)
     s.set_defaults(func=box_get)
+    s = sub.add_parser("lease")
+    s.add_argument("label")
+    s.add_argument("--release-after", type=float, default=-1)
+    s.set_defaults(func=lease)
+    s = sub.add_parser("leases")
+    s.set_defaults(func=leases)
     s = sub.add_parser("try-secrets")
     s.add_argument("node")
     s.add_argument("port", type=int)
