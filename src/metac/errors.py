@@ -74,6 +74,17 @@ class MissingDependency(MetacError):
         self.program = program
         self.package = package
 
+    @classmethod
+    def parse(cls, message: str) -> MetacError:
+        """Rebuild from the wire message; a message of another shape stays as is."""
+        program, sep, rest = message.partition(" not found; install the Debian package '")
+        if sep and rest.endswith("'"):
+            return cls(program, rest[:-1])
+        err = cls.__new__(cls)
+        MetacError.__init__(err, message)
+        err.program = err.package = ""
+        return err
+
 
 CATEGORIES: dict[str, type[MetacError]] = {
     cls.category: cls
@@ -86,6 +97,7 @@ CATEGORIES: dict[str, type[MetacError]] = {
         Unavailable,
         Unsupported,
         Internal,
+        MissingDependency,
     )
 }
 
@@ -106,6 +118,8 @@ def from_kj(exc: BaseException) -> MetacError:
                 text = text[len(prefix):]
                 stripped = True
     head, sep, rest = text.partition(": ")
+    if sep and head == MissingDependency.category:
+        return MissingDependency.parse(rest.strip())
     if sep and head in CATEGORIES:
         return CATEGORIES[head](rest.strip())
     if kj_type == "DISCONNECTED" or "disconnected" in text.lower():

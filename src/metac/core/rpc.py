@@ -75,6 +75,14 @@ def _guard(name: str, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awai
     return guarded
 
 
+def _unsupported(cls_name: str, method: str) -> Callable[..., Awaitable[Any]]:
+    async def unsupported(self: Any, **kwargs: Any) -> None:
+        raise errors.Unsupported(f"{method} is not supported by this object")
+
+    unsupported.__name__ = method
+    return _guard(f"{cls_name}.{method}", unsupported)
+
+
 class Servant:
     """Mixin for pycapnp server classes: wraps public coroutine methods in the
     error boundary. Put it first: ``class Foo(Servant, schema.Foo.Server)``."""
@@ -87,6 +95,12 @@ class Servant:
             if getattr(value, "__wrapped__", None) is not None:
                 continue
             setattr(cls, name, _guard(f"{cls.__name__}.{name}", value))
+        # A schema method the class does not implement answers Unsupported
+        # (pycapnp would otherwise send the client its own traceback).
+        schema = getattr(cls, "schema", None)
+        for method in getattr(schema, "method_names_inherited", ()) or ():
+            if not hasattr(cls, method):
+                setattr(cls, method, _unsupported(cls.__name__, method))
 
 
 def rpc_error(exc: BaseException) -> errors.MetacError:
@@ -216,19 +230,20 @@ class _TcpServer:
 class Connection:
     """A client connection; ``bootstrap(schema)`` gives the remote bootstrap capability."""
 
-    def __init__(self, client: Any, sock: socket.socket | None = None) -> None:
+    def __init__(self, client: Any, stream: Any) -> None:
         self._client = client
-        self._sock = sock
+        self._stream = stream
 
     def bootstrap(self, interface: Any) -> Any:
         return self._client.bootstrap().cast_as(interface)
 
     def close(self) -> None:
+        # Close the RPC system, then the stream (which owns the socket): the
+        # peer sees the disconnect now, not when our capabilities are collected.
         with contextlib.suppress(Exception):
             self._client.close()
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
+        with contextlib.suppress(Exception):
+            self._stream.close()
 
 
 @contextlib.asynccontextmanager
@@ -241,7 +256,7 @@ async def connect_unix(path: str) -> AsyncIterator[Connection]:
         raise errors.PermissionDenied(f"cannot open {path}: the node admin socket is root only") from None
     except OSError as exc:
         raise errors.Unavailable(f"cannot connect to {path}: {exc.strerror or exc}") from None
-    conn = Connection(capnp.TwoPartyClient(stream))
+    conn = Connection(capnp.TwoPartyClient(stream), stream)
     try:
         yield conn
     finally:
@@ -257,15 +272,18 @@ async def connect_tcp(host: str, port: int, *, timeout: float = 10.0) -> AsyncIt
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = await capnp.AsyncIoStream.create_connection(sock=sock)
     except TimeoutError:
         sock.close()
         raise errors.Unavailable(f"node {shown} did not answer within {timeout:g} s") from None
     except OSError as exc:
         sock.close()
         raise errors.Unavailable(f"cannot reach node {shown}: {exc.strerror or exc}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream = await capnp.AsyncIoStream.create_connection(sock=sock)
-    conn = Connection(capnp.TwoPartyClient(stream), sock)
+    except BaseException:
+        sock.close()
+        raise
+    conn = Connection(capnp.TwoPartyClient(stream), stream)
     try:
         yield conn
     finally:

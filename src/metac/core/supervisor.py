@@ -97,6 +97,7 @@ class Supervisor:
         cwd: str | None = None,
         stdin: int | None = asyncio.subprocess.DEVNULL,
         stdout: int | None = None,
+        stderr: int | None = None,
         log_to_file: bool = True,
     ) -> Child:
         if name in self.children:
@@ -108,7 +109,7 @@ class Supervisor:
                 *argv,
                 stdin=stdin,
                 stdout=stdout if stdout is not None else logf,
-                stderr=logf,
+                stderr=stderr if stderr is not None else logf,
                 env=dict(env) if env is not None else None,
                 pass_fds=tuple(pass_fds),
                 cwd=cwd,

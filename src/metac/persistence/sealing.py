@@ -26,10 +26,13 @@ def load_or_create_key(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             key = f.read()
-        if len(key) == KEY_BYTES:
-            return key
     except FileNotFoundError:
         pass
+    else:
+        if len(key) != KEY_BYTES:
+            # Replacing it would make every sealed nested ref unrestorable.
+            raise SealError(f"node key {path} is damaged ({len(key)} bytes, not {KEY_BYTES})")
+        return key
     key = secrets.token_bytes(KEY_BYTES)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -314,8 +314,8 @@ class AdminServer(Servant, persistence.PersistenceAdmin.Server):
         if objectInfo:
             digest = secret_hash(bytes(objectInfo))
         else:
-            if len(shortId) < 6:
-                raise errors.InvalidArgument("a short id needs at least 6 hex digits")
+            if len(shortId) < 6 or any(c not in "0123456789abcdefABCDEF" for c in shortId):
+                raise errors.InvalidArgument("a short id is at least 6 hex digits")
             matches = store.find_by_short_id(shortId.lower())
             if not matches:
                 raise errors.NotFound(f"no ref with short id {shortId!r}")

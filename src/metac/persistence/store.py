@@ -8,9 +8,11 @@ and are purged when a new node instance starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 SCHEMA = """
@@ -87,9 +89,20 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # isolation_level=None means autocommit: make multi-statement changes atomic.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def purge_stale(self) -> int:
         """Drop non-persistent refs of earlier node instances, then unreferenced objects."""
-        with self.db:
+        with self._transaction():
             n = self.db.execute(
                 "DELETE FROM refs WHERE persistent = 0 AND instance != ?", (self.instance,)
             ).rowcount
@@ -105,7 +118,7 @@ class Store:
 
     def upsert_object(self, service: str, category: str, runtime_id: str, description: bytes,
                       sealed_caps: bytes | None, active: bool) -> int:
-        with self.db:
+        with self._transaction():
             row = self.db.execute(
                 "SELECT id FROM objects WHERE service = ? AND runtime_id = ?",
                 (service, runtime_id)).fetchone()
@@ -122,7 +135,7 @@ class Store:
 
     def add_ref(self, digest: bytes, object_id: int, persistent: bool, group_id: int | None) -> str:
         short = short_id_of(digest)
-        with self.db:
+        with self._transaction():
             self.db.execute(
                 "INSERT INTO refs (hash, short_id, object_id, persistent, instance, group_id, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -153,8 +166,9 @@ class Store:
         return [RefRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
     def find_by_short_id(self, short: str) -> list[bytes]:
-        rows = self.db.execute("SELECT hash FROM refs WHERE short_id LIKE ? || '%'",
-                               (short,)).fetchall()
+        # Prefix compare, not LIKE: '_' and '%' must not act as wildcards.
+        rows = self.db.execute("SELECT hash FROM refs WHERE substr(short_id, 1, ?) = ?",
+                               (len(short), short)).fetchall()
         return [bytes(r[0]) for r in rows]
 
     def delete_ref(self, digest: bytes) -> tuple[RefRow | None, list[int]]:
@@ -162,7 +176,7 @@ class Store:
         info = self.lookup(digest)
         if info is None:
             return None, []
-        with self.db:
+        with self._transaction():
             self.db.execute("DELETE FROM refs WHERE hash = ?", (digest,))
             dropped = self._drop_orphans()
         return info, dropped
@@ -177,7 +191,7 @@ class Store:
     # groups
 
     def create_group(self, name: str) -> int:
-        with self.db:
+        with self._transaction():
             self.db.execute("INSERT OR IGNORE INTO groups (name, created) VALUES (?, ?)",
                             (name, time.time()))
         return self.group_id(name)  # type: ignore[return-value]
@@ -190,7 +204,7 @@ class Store:
         gid = self.group_id(name)
         if gid is None:
             return -1, []
-        with self.db:
+        with self._transaction():
             n = self.db.execute("DELETE FROM refs WHERE group_id = ?", (gid,)).rowcount
             self.db.execute("DELETE FROM groups WHERE id = ?", (gid,))
             dropped = self._drop_orphans()

@@ -1,0 +1,315 @@
+"""Tests for metac.persistence.store: objects, refs, orphans, stale refs, groups."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+
+from metac.persistence.store import SHORT_ID_LEN, Store, secret_hash, short_id_of
+
+
+@pytest.fixture
+def db_path(tmp_path) -> str:
+    return str(tmp_path / "refs.sqlite3")
+
+
+@pytest.fixture
+def store(db_path: str) -> Iterator[Store]:
+    s = Store(db_path, "instance-a")
+    yield s
+    s.close()
+
+
+def new_digest() -> bytes:
+    return secret_hash(secrets.token_bytes(24))
+
+
+def add_object(store: Store, runtime_id: str = "", *, service: str = "demo",
+               category: str = "counter", description: bytes = b"{}",
+               sealed: bytes | None = None, active: bool = False) -> int:
+    return store.upsert_object(service, category, runtime_id or secrets.token_hex(8),
+                               description, sealed, active)
+
+
+def count(store: Store, table: str) -> int:
+    return store.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+# --- hashing ---------------------------------------------------------------------------
+
+
+def test_secret_hash_is_stable_and_not_the_secret() -> None:
+    secret = secrets.token_bytes(24)
+    assert secret_hash(secret) == secret_hash(secret)
+    assert secret_hash(secret) != secret_hash(secrets.token_bytes(24))
+    assert secret not in secret_hash(secret)
+    assert len(secret_hash(secret)) == 32
+    assert short_id_of(secret_hash(secret)) == secret_hash(secret).hex()[:SHORT_ID_LEN]
+
+
+def test_database_file_mode_is_wal(store: Store) -> None:
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+# --- objects: dedup by runtime id -------------------------------------------------------
+
+
+def test_upsert_dedups_by_service_and_runtime_id(store: Store) -> None:
+    first = add_object(store, "rt-1", description=b'{"v": 1}')
+    again = add_object(store, "rt-1", category="counter2", description=b'{"v": 2}',
+                       sealed=b"sealed", active=True)
+    assert again == first
+    assert count(store, "objects") == 1
+    obj = store.get_object(first)
+    assert obj is not None
+    # the newest description wins
+    assert (obj.category, obj.description, obj.sealed_caps, obj.active) == \
+        ("counter2", b'{"v": 2}', b"sealed", True)
+    assert obj.runtime_id == "rt-1" and obj.service == "demo"
+
+
+def test_same_runtime_id_in_other_service_is_another_object(store: Store) -> None:
+    a = add_object(store, "rt-1", service="demo")
+    b = add_object(store, "rt-1", service="fs")
+    assert a != b
+    assert count(store, "objects") == 2
+    assert store.objects_of("demo", active_only=False) == [a]
+    assert store.objects_of("fs", active_only=False) == [b]
+
+
+def test_objects_of_active_only(store: Store) -> None:
+    passive = add_object(store, active=False)
+    active = add_object(store, active=True)
+    assert sorted(store.objects_of("demo", active_only=False)) == sorted([passive, active])
+    assert store.objects_of("demo", active_only=True) == [active]
+    assert store.objects_of("other", active_only=False) == []
+
+
+def test_get_missing_object(store: Store) -> None:
+    assert store.get_object(12345) is None
+    assert not store.object_exists(12345)
+
+
+# --- refs ------------------------------------------------------------------------------
+
+
+def test_add_and_lookup_ref(store: Store) -> None:
+    oid = add_object(store)
+    digest = new_digest()
+    short = store.add_ref(digest, oid, True, None)
+    assert short == short_id_of(digest)
+    row = store.lookup(digest)
+    assert row is not None
+    assert (row.short_id, row.object_id, row.service, row.category, row.persistent, row.group) \
+        == (short, oid, "demo", "counter", True, "")
+    assert store.lookup(new_digest()) is None
+    assert [r.short_id for r in store.list_refs()] == [short]
+
+
+def test_many_refs_to_one_object(store: Store) -> None:
+    oid = add_object(store, "rt")
+    digests = [new_digest() for _ in range(3)]
+    for d in digests:
+        store.add_ref(d, oid, True, None)
+    assert {store.lookup(d).object_id for d in digests} == {oid}  # type: ignore[union-attr]
+    assert count(store, "refs") == 3 and count(store, "objects") == 1
+
+
+def test_duplicate_digest_is_rejected(store: Store) -> None:
+    oid = add_object(store)
+    digest = new_digest()
+    store.add_ref(digest, oid, True, None)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_ref(digest, oid, False, None)
+
+
+def test_find_by_short_id_prefix(store: Store) -> None:
+    oid = add_object(store)
+    digest = new_digest()
+    short = store.add_ref(digest, oid, True, None)
+    assert store.find_by_short_id(short) == [digest]
+    assert store.find_by_short_id(short[:6]) == [digest]
+    assert store.find_by_short_id("zzzzzz") == []
+
+
+# --- delete_ref drops orphans ----------------------------------------------------------
+
+
+def test_delete_ref_keeps_object_while_other_refs_remain(store: Store) -> None:
+    oid = add_object(store)
+    d1, d2 = new_digest(), new_digest()
+    store.add_ref(d1, oid, True, None)
+    store.add_ref(d2, oid, False, None)
+
+    info, dropped = store.delete_ref(d1)
+    assert info is not None and info.object_id == oid and info.persistent
+    assert dropped == []
+    assert store.lookup(d1) is None
+    assert store.object_exists(oid)
+
+    info, dropped = store.delete_ref(d2)
+    assert info is not None and not info.persistent
+    assert dropped == [oid]
+    assert not store.object_exists(oid)
+    assert count(store, "objects") == 0 and count(store, "refs") == 0
+
+
+def test_delete_ref_leaves_other_objects(store: Store) -> None:
+    a, b = add_object(store), add_object(store)
+    da, db = new_digest(), new_digest()
+    store.add_ref(da, a, True, None)
+    store.add_ref(db, b, True, None)
+    assert store.delete_ref(da)[1] == [a]
+    assert store.object_exists(b)
+    assert store.lookup(db) is not None
+
+
+def test_delete_unknown_ref(store: Store) -> None:
+    assert store.delete_ref(new_digest()) == (None, [])
+
+
+def test_deleted_ref_is_gone_from_the_file(db_path: str, store: Store) -> None:
+    oid = add_object(store)
+    digest = new_digest()
+    store.add_ref(digest, oid, True, None)
+    store.delete_ref(digest)
+    store.close()
+    again = Store(db_path, "instance-b")
+    try:
+        assert again.lookup(digest) is None
+        assert count(again, "objects") == 0
+    finally:
+        again.close()
+
+
+# --- purge_stale -----------------------------------------------------------------------
+
+
+def test_purge_stale_drops_non_persistent_refs_of_other_instances(db_path: str) -> None:
+    old = Store(db_path, "old-run")
+    persistent_obj = add_object(old, "p")
+    transient_obj = add_object(old, "t")
+    mixed_obj = add_object(old, "m")
+    keep, drop, mixed_keep, mixed_drop = (new_digest() for _ in range(4))
+    old.add_ref(keep, persistent_obj, True, None)
+    old.add_ref(drop, transient_obj, False, None)
+    old.add_ref(mixed_keep, mixed_obj, True, None)
+    old.add_ref(mixed_drop, mixed_obj, False, None)
+    assert old.purge_stale() == 0  # its own refs are not stale
+    old.close()
+
+    new = Store(db_path, "new-run")
+    try:
+        own = new_digest()
+        own_obj = add_object(new, "own")
+        new.add_ref(own, own_obj, False, None)
+
+        assert new.purge_stale() == 2
+        assert new.lookup(keep) is not None
+        assert new.lookup(mixed_keep) is not None
+        assert new.lookup(drop) is None
+        assert new.lookup(mixed_drop) is None
+        assert new.lookup(own) is not None  # this instance's non-persistent ref stays
+        assert not new.object_exists(transient_obj)  # orphaned: dropped
+        assert new.object_exists(persistent_obj)
+        assert new.object_exists(mixed_obj)
+        assert new.object_exists(own_obj)
+        assert new.purge_stale() == 0  # idempotent
+    finally:
+        new.close()
+
+
+def test_purge_stale_drops_objects_that_never_had_a_ref(store: Store) -> None:
+    oid = add_object(store)
+    store.purge_stale()
+    assert not store.object_exists(oid)
+
+
+# --- groups ----------------------------------------------------------------------------
+
+
+def test_create_group_is_idempotent(store: Store) -> None:
+    gid = store.create_group("team")
+    assert store.create_group("team") == gid
+    assert store.group_id("team") == gid
+    assert store.group_id("nope") is None
+
+
+def test_refs_carry_their_group_name(store: Store) -> None:
+    gid = store.create_group("team")
+    oid = add_object(store)
+    digest = new_digest()
+    store.add_ref(digest, oid, True, gid)
+    assert store.lookup(digest).group == "team"  # type: ignore[union-attr]
+
+
+def test_drop_group_revokes_its_refs_only(store: Store) -> None:
+    gid = store.create_group("team")
+    other = store.create_group("other")
+    in_group = add_object(store)
+    shared = add_object(store)
+    outside = add_object(store)
+    d_in, d_shared_in, d_shared_out, d_out, d_other = (new_digest() for _ in range(5))
+    store.add_ref(d_in, in_group, True, gid)
+    store.add_ref(d_shared_in, shared, True, gid)
+    store.add_ref(d_shared_out, shared, True, None)
+    store.add_ref(d_out, outside, True, None)
+    store.add_ref(d_other, outside, False, other)
+
+    n, dropped = store.drop_group("team")
+    assert n == 2
+    assert dropped == [in_group]
+    assert store.lookup(d_in) is None and store.lookup(d_shared_in) is None
+    assert store.lookup(d_shared_out) is not None
+    assert store.lookup(d_out) is not None and store.lookup(d_other) is not None
+    assert store.object_exists(shared) and store.object_exists(outside)
+    assert store.group_id("team") is None
+    assert store.group_id("other") == other
+
+
+def test_drop_unknown_group(store: Store) -> None:
+    assert store.drop_group("nope") == (-1, [])
+
+
+def test_drop_empty_group(store: Store) -> None:
+    store.create_group("empty")
+    assert store.drop_group("empty") == (0, [])
+    assert store.group_id("empty") is None
+
+
+def test_ref_to_missing_group_or_object_is_rejected(store: Store) -> None:
+    oid = add_object(store)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_ref(new_digest(), oid, True, 999)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_ref(new_digest(), 999, True, None)
+
+
+# --- the file grants nothing -----------------------------------------------------------
+
+
+def test_no_stored_value_is_a_secret(db_path: str, store: Store) -> None:
+    oid = add_object(store)
+    secret = secrets.token_bytes(24)
+    store.add_ref(secret_hash(secret), oid, True, None)
+    store.close()
+    with open(db_path, "rb") as f:
+        raw = f.read()
+    wal = db_path + "-wal"
+    if os.path.exists(wal):
+        with open(wal, "rb") as f:
+            raw += f.read()
+    assert secret not in raw
+    assert secret.hex().encode() not in raw
+    # every stored blob, used as a secret, finds nothing
+    again = Store(db_path, "x")
+    try:
+        for (value,) in again.db.execute("SELECT hash FROM refs"):
+            assert again.lookup(secret_hash(bytes(value))) is None
+    finally:
+        again.close()
