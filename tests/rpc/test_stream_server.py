@@ -95,13 +95,17 @@ def _client(server: StreamServer):
     return stream.Stream._new_client(server)
 
 
-def test_open_stream_round_trip_and_half_close() -> None:
+@pytest.mark.parametrize("address", [LOCAL, "::1"])
+def test_open_stream_round_trip_and_half_close(address: str) -> None:
+    if address == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
     async def main() -> None:
-        host = StreamHost(LOCAL)
+        host = StreamHost(address)
         async with Backend() as backend:
             cap = _client(StreamServer(host, TcpSource(LOCAL, backend.port)))
             for _ in range(2):  # every use is a new connection
-                async with await open_stream(cap, local_address=LOCAL) as opened:
+                async with await open_stream(cap, local_address=address) as opened:
                     loop = asyncio.get_running_loop()
                     await loop.sock_sendall(opened.sock, b"hello " * 1000)
                     opened.sock.shutdown(socket.SHUT_WR)

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from metac import errors
-from metac.cli import node_cli, ref_cli
+from metac.cli import compute_cli, fs_cli, net_cli, node_cli, ref_cli, stream_cli
 from metac.cli.output import error
 from metac.codec.locators import LocatorError
 from metac.codec.refs import RefError
 
 #: Every command group: module with register(subparsers).
-COMMAND_GROUPS = [node_cli, ref_cli]
+COMMAND_GROUPS = [node_cli, ref_cli, stream_cli, net_cli, compute_cli, fs_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,17 @@ tcp         ``TcpEndpoint``       ``HOST:PORT``; HOST is ``[IPv6]``, IPv4 or a D
 unix        ``UnixEndpoint``      absolute socket path, normalised, at most 107 bytes
 ==========  ====================  ============================================================
 
+Some kinds have another reading of a prefix that a caller opts into by naming it in
+``allowed`` (``ALTERNATIVE_KINDS``). They are not in ``LOCATOR_KINDS``, so by default
+``local:`` stays a path:
+
+==========  ====================  ============================================================
+kind        class                 value
+==========  ====================  ============================================================
+localdev    ``LocalDevice``       ``local:NAME``, an existing network device (paper 8.2's
+                                  ``local:devname``); same name rules as ``newlocal``
+==========  ====================  ============================================================
+
 ``LocatorError`` is the only error for bad text; its messages name the problem and the
 accepted syntax but never quote the value (it may be a secret pasted in the wrong place).
 A ``RefLocator``'s ``repr`` redacts the secret, like ``SturdyRef``'s.
@@ -55,6 +66,8 @@ class Locator:
 
     KIND: ClassVar[str] = ""
     SYNTAX: ClassVar[str] = ""
+    #: The text before ``:``; differs from KIND only for ALTERNATIVE_KINDS.
+    PREFIX: ClassVar[str] = ""
 
     @classmethod
     def parse(cls, text: str, *, allowed: Iterable[str] | None = None) -> Self:
@@ -74,10 +87,15 @@ class Locator:
         if locator_cls is None:
             shown = f" {kind!r}" if _KIND_RE.fullmatch(kind) else ""
             raise LocatorError(f"unknown resource kind{shown}; expected {_expected(kinds)}")
-        if key not in kinds:
-            raise LocatorError(
-                f"a {key}: resource is not allowed here; expected {_expected(kinds)}"
-            )
+        for alt in ALTERNATIVE_KINDS.values():
+            if alt.PREFIX == key and alt.KIND in kinds:
+                locator_cls = alt
+                break
+        else:
+            if key not in kinds:
+                raise LocatorError(
+                    f"a {key}: resource is not allowed here; expected {_expected(kinds)}"
+                )
         return cast(Self, locator_cls._from_value(body))
 
     @classmethod
@@ -125,15 +143,7 @@ class NewLocal(Locator):
     name: str
 
     def __post_init__(self) -> None:
-        name = self.name
-        if not isinstance(name, str):
-            raise LocatorError(f"device name must be a str, not {type(name).__name__}")
-        if not 1 <= len(name) <= MAX_IFNAME_CHARS:
-            raise LocatorError(f"device name must be 1..{MAX_IFNAME_CHARS} characters")
-        if name in (".", ".."):
-            raise LocatorError("device name must not be '.' or '..'")
-        if not _IFNAME_RE.fullmatch(name):
-            raise LocatorError("device name must be printable ASCII without whitespace, '/' or ':'")
+        check_ifname(self.name)
 
     @classmethod
     def _from_value(cls, value: str) -> Locator:
@@ -141,6 +151,27 @@ class NewLocal(Locator):
 
     def format(self) -> str:
         return f"newlocal:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDevice(Locator):
+    """``local:NAME`` read as an existing network device (only when ``localdev`` is allowed)."""
+
+    KIND: ClassVar[str] = "localdev"
+    SYNTAX: ClassVar[str] = "local:DEVICE"
+    PREFIX: ClassVar[str] = "local"
+
+    name: str
+
+    def __post_init__(self) -> None:
+        check_ifname(self.name)
+
+    @classmethod
+    def _from_value(cls, value: str) -> Locator:
+        return cls(value)
+
+    def format(self) -> str:
+        return f"local:{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +275,26 @@ LOCATOR_KINDS: Mapping[str, type[Locator]] = MappingProxyType(
     }
 )
 
+#: Other readings of a prefix in LOCATOR_KINDS, chosen by naming the kind in ``allowed``.
+ALTERNATIVE_KINDS: Mapping[str, type[Locator]] = MappingProxyType(
+    {
+        "localdev": LocalDevice,
+    }
+)
+
+
+def check_ifname(name: object) -> str:
+    """A valid network device name (1..15 printable ASCII, no space, '/' or ':'), or LocatorError."""
+    if not isinstance(name, str):
+        raise LocatorError(f"device name must be a str, not {type(name).__name__}")
+    if not 1 <= len(name) <= MAX_IFNAME_CHARS:
+        raise LocatorError(f"device name must be 1..{MAX_IFNAME_CHARS} characters")
+    if name in (".", ".."):
+        raise LocatorError("device name must not be '.' or '..'")
+    if not _IFNAME_RE.fullmatch(name):
+        raise LocatorError("device name must be printable ASCII without whitespace, '/' or ':'")
+    return name
+
 
 def _accepted_kinds(cls: type[Locator], allowed: Iterable[str] | None) -> frozenset[str]:
     """Validate ``allowed`` (a programming error raises ``ValueError``/``TypeError``)."""
@@ -254,14 +305,18 @@ def _accepted_kinds(cls: type[Locator], allowed: Iterable[str] | None) -> frozen
     if allowed is None:
         return frozenset(LOCATOR_KINDS)
     kinds = frozenset((allowed,) if isinstance(allowed, str) else allowed)
-    unknown = sorted(kinds - LOCATOR_KINDS.keys())
+    unknown = sorted(kinds - LOCATOR_KINDS.keys() - ALTERNATIVE_KINDS.keys())
     if unknown or not kinds:
         raise ValueError(f"allowed must name known locator kinds, got {sorted(kinds)!r}")
+    for alt in ALTERNATIVE_KINDS.values():
+        if alt.KIND in kinds and alt.PREFIX in kinds:
+            raise ValueError(f"allowed names both readings of {alt.PREFIX}: ({alt.KIND!r})")
     return kinds
 
 
 def _expected(kinds: frozenset[str]) -> str:
-    return " or ".join(cls.SYNTAX for key, cls in LOCATOR_KINDS.items() if key in kinds)
+    every = {**LOCATOR_KINDS, **ALTERNATIVE_KINDS}
+    return " or ".join(cls.SYNTAX for key, cls in every.items() if key in kinds)
 
 
 def _normalise_absolute(path: object, what: str) -> str:

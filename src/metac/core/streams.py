@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_TIMEOUT = 30.0  # a tcpListen nobody connects to is closed after this
 CONNECT_TIMEOUT = 10.0
-DRAIN_GRACE = 2.0  # on release, a direction that saw EOF may flush this long
+DRAIN_GRACE = 10.0  # on release, a direction whose source ended may flush this long
 PIPE_SIZE = 1 << 20  # the splice pipe (fs.pipe-max-size is 1 MiB by default)
 COPY_CHUNK = 1 << 17
 
@@ -147,9 +147,30 @@ def _pollable(fd: int) -> bool:
 
 def _can_splice(fd: int, *, write: bool) -> bool:
     st = os.fstat(fd)
-    if stat.S_ISSOCK(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode):  # splice cannot append (EINVAL on O_APPEND files)
+        return not (write and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+    if stat.S_ISSOCK(st.st_mode) or stat.S_ISFIFO(st.st_mode):
         return True
     return write and stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL
+
+
+# TCP states (include/net/tcp_states.h), the first byte of struct tcp_info.
+_TCP_FIN_WAIT1, _TCP_TIME_WAIT, _TCP_CLOSE, _TCP_CLOSE_WAIT, _TCP_LAST_ACK, _TCP_CLOSING = \
+    4, 6, 7, 8, 9, 11
+_PEER_SENT_FIN = {_TCP_TIME_WAIT, _TCP_CLOSE, _TCP_CLOSE_WAIT, _TCP_LAST_ACK, _TCP_CLOSING}
+_OUR_FIN_UNACKED = {_TCP_FIN_WAIT1, _TCP_LAST_ACK, _TCP_CLOSING}
+
+
+def _tcp_state(fd: int) -> int | None:
+    """The TCP state of a socket fd (None: not a TCP socket)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                      socket.AF_INET6):
+                return None
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except OSError:
+        return None
 
 
 async def _wait_fds(read_fd: int | None, write_fd: int | None) -> None:
@@ -190,6 +211,7 @@ class _Direction:
         self.bytes = 0
         self.eof = False  # src ended: only flushing what was read
         self.spliced = False
+        self.waits = 0  # times the direction slept (for the debug log and tuning)
         self._rwait = src.read_fd if _pollable(src.read_fd) else None
         self._wwait = dst.write_fd if _pollable(dst.write_fd) else None
 
@@ -239,6 +261,7 @@ class _Direction:
                 if self.eof and not buffered:
                     return True
                 if not moved:
+                    self.waits += 1
                     await _wait_fds(self._rwait if not self.eof and buffered < cap else None,
                                     self._wwait if buffered else None)
         finally:
@@ -294,15 +317,23 @@ class Pump:
         finally:
             for endpoint in self.endpoints:
                 endpoint.close()
-            log.debug("%s done (%d / %d bytes, splice=%s)", self.name,
-                      self.directions[0].bytes, self.directions[1].bytes, self.spliced)
+            log.debug("%s done (%d / %d bytes, %d / %d waits, splice=%s)", self.name,
+                      self.directions[0].bytes, self.directions[1].bytes,
+                      self.directions[0].waits, self.directions[1].waits, self.spliced)
 
-    def stop(self) -> None:
-        """Abort the directions still reading; one that saw EOF may finish flushing."""
+    def stop(self) -> bool:
+        """Abort the directions whose source may still send; one whose source ended (EOF
+        read, or a TCP peer's FIN received) may finish flushing. True if one is left."""
         self._stopped = True
+        draining = False
         for direction, task in zip(self.directions, self._tasks, strict=False):
-            if not direction.eof:
+            if task.done():
+                continue
+            if direction.eof or _tcp_state(direction.src.read_fd) in _PEER_SENT_FIN:
+                draining = True
+            else:
                 task.cancel()
+        return draining
 
 
 async def pipe_endpoints(a: Endpoint, b: Endpoint, name: str = "pump") -> Pump:
@@ -498,7 +529,7 @@ class Session:
         self._remote = remote
 
         async def opened() -> Endpoint:
-            return Endpoint.of_socket(remote.sock, name="peer")
+            return remote.endpoint("peer")
 
         self._start(opened())
 
@@ -513,6 +544,8 @@ class Session:
             if peer is not None and not self._stopping:
                 self.pump = Pump(self.endpoint, peer, self.name)
                 await self.pump.run()
+        except Exception:  # nobody awaits this task: a bug must at least be logged
+            log.exception("%s failed", self.name)
         finally:
             if peer is not None:
                 peer.close()
@@ -548,23 +581,25 @@ class Session:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return Endpoint.of_socket(conn, name="peer")
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Close what may still carry new data; a finite remainder may flush (bounded).
+        True if such a flush goes on."""
         self._stopping = True
-        if self.pump is not None:
-            self.pump.stop()
-        elif self._task is not None:
+        if self.pump is not None and self.pump.stop():
+            asyncio.get_running_loop().call_later(DRAIN_GRACE, self._abort)
+            return True
+        self._abort()
+        return False
+
+    def _abort(self) -> None:
+        if self._task is not None and not self._task.done():
             self._task.cancel()
 
     async def aclose(self) -> None:
-        """Stop, let a flushing direction finish (bounded), and wait until all is closed."""
-        self.stop()
-        if self._task is None:
-            await self._cleanup()
+        """Stop; returns once everything is closed or only a bounded flush is left."""
+        if self.stop():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.finished.wait()), DRAIN_GRACE)
-        if not self.finished.is_set():
-            self._task.cancel()
+        if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._cleanup()  # also when the task was cancelled before it ran
 
@@ -690,8 +725,24 @@ class OpenedStream:
         self.sock = sock
         self.holder = holder
 
+    def endpoint(self, name: str = "stream") -> Endpoint:
+        """The socket for a pump. It stays open when the pump ends: ``aclose`` closes it."""
+        sock = self.sock
+        fd = sock.fileno()
+        return Endpoint(fd, fd, shutdown_write=lambda: sock.shutdown(socket.SHUT_WR),
+                        close=lambda: None, name=name)
+
     async def aclose(self, timeout: float = 5.0) -> None:
-        self.sock.close()
+        """Close the socket and release the holder.
+
+        If we half-closed, wait (bounded) until the remote kernel acknowledged our FIN:
+        then every byte we sent is on the stream's node, and releasing the holder there
+        lets it flush them instead of cutting them off.
+        """
+        if self.sock.fileno() != -1:
+            if _tcp_state(self.sock.fileno()) in _OUR_FIN_UNACKED:
+                await _wait_fin_acked(self.sock, timeout)
+            self.sock.close()
         holder, self.holder = self.holder, None
         if holder is not None:
             with contextlib.suppress(Exception):
@@ -702,6 +753,15 @@ class OpenedStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _wait_fin_acked(sock: socket.socket, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.001
+    while _tcp_state(sock.fileno()) in _OUR_FIN_UNACKED and loop.time() < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def local_address_for(ip: str) -> str:

@@ -25,6 +25,10 @@ log = logging.getLogger("metac.node")
 #: The services every node runs: name -> module run as ``python -m module``.
 BUILTIN_SERVICES: dict[str, str] = {
     "persistence": "metac.persistence",
+    "net": "metac.net",
+    "stream": "metac.stream",
+    "fs": "metac.fs",
+    "compute": "metac.compute",
 }
 
 BACKOFF_FIRST = 0.5

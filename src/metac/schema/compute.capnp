@@ -38,6 +38,10 @@ struct ProcessEnvironmentDescription {
   memory @2 :UInt32;
   # Memory limit for the whole environment, in MiB; 0 means the launcher's
   # default.
+  autoDestroy @3 :Bool;
+  # Added: destroy the environment as soon as no process runs in it any more,
+  # for launches nobody waits on (`metac run --background`). By default an
+  # environment lives while its capabilities are held (or until destroy()).
 }
 
 struct FD {
@@ -45,6 +49,10 @@ struct FD {
   # Should the file descriptor be opened as a virtual terminal?
   stream @1 :Stream.Stream;
   # If null, a new stream is created, later available through Process.file.
+  rows @2 :UInt16;
+  cols @3 :UInt16;
+  # Added: initial size of the terminal when isPty (0: 24 rows, 80 columns).
+  # A stream carries bytes only, so later size changes are not forwarded.
 }
 
 struct ProcessDescription {
@@ -105,6 +113,9 @@ struct ProcessInfo {
   process @5 :Process;
   env @6 :ProcessEnvironment;
   # The environment it runs in, e.g. for `metac exec` into it.
+  id @7 :Text;
+  # Added: "<environment id>.<n>", the name `metac ps` shows and `metac kill`
+  # takes (the n-th process launched in that environment).
 }
 
 interface ComputeServiceAdmin extends(Core.ServiceAdmin) {

@@ -96,6 +96,47 @@ struct MountInfo {
   holder @3 :Core.Holder;
   # The mount's holder, so `metac fs umount` can release a mount made by
   # another client.
+  state @4 :Text;
+  # Added: "mounted", "connecting" or "disconnected" (the server is unreachable:
+  # an empty read-only placeholder covers the mount point until it is back).
+  persistent @5 :Bool;
+  # Added: re-established when the node restarts (`metac fs mount --persistent`).
+  readOnly @6 :Bool;
+  # Added: mounted read-only.
+}
+
+struct MountOptions {
+  # Added: options of FilesystemNamespace.mountWith (`metac fs mount`).
+  method @0 :Text;
+  # "" picks: "bind" for a filesystem of this node, else "9p" where the kernel
+  # has a 9p client, else "sftp" (sshfs over FUSE). "9p", "sftp" or "bind"
+  # force one (Unsupported if this node cannot do it).
+  readOnly @1 :Bool;
+}
+
+struct AttachOptions {
+  # Added: options of FilesystemServiceAdmin.attachBlock (`metac block attach`).
+  readOnly @0 :Bool;
+  # Attach read-only (also implied by a read-only device).
+  mountPath @1 :Text;
+  # If not "", also mount the device's filesystem there (an existing directory).
+}
+
+struct BlockAttachmentInfo {
+  # Added: one attachment, for `metac block ls` / `metac block detach`.
+  device @0 :Text;
+  # The local block device, e.g. "/dev/nbd0" or "/dev/loop3" ("" while connecting).
+  mountPath @1 :Text;
+  method @2 :Text;
+  # "nbd" (kernel NBD client) or "nbdfuse" (FUSE file + loop device).
+  source @3 :Text;
+  # "[ip]:port" of the node serving it.
+  state @4 :Text;
+  # "attached", "connecting" or "disconnected".
+  readOnly @5 :Bool;
+  persistent @6 :Bool;
+  holder @7 :Core.Holder;
+  # Releasing it detaches (and unmounts) the device.
 }
 
 interface FilesystemNamespace extends(Core.Persistable) {
@@ -106,6 +147,11 @@ interface FilesystemNamespace extends(Core.Persistable) {
   # Mounts fs at path (an existing directory); unmounted when the holder goes.
   listMounts @2 () -> (mounts :List(MountInfo));
   # Added: the mounts currently held through `mount`.
+  mountWith @3 (path :Text, fs :Filesystem, options :MountOptions) -> (holder :Core.Holder);
+  # Added: mount with options (method, read-only); mount(path, fs) is
+  # mountWith(path, fs, default options). The mount stays until the holder is
+  # released or made persistent and then released; the service keeps it alive
+  # when the caller goes away.
 }
 
 interface FilesystemServiceAdmin extends(Core.ServiceAdmin) {
@@ -113,4 +159,12 @@ interface FilesystemServiceAdmin extends(Core.ServiceAdmin) {
   # The node's initial mount namespace. (Section 5.1 mentions a
   # rootFilesystem method; it is rootNamespace().filesystem(), one pipelined
   # call away, so it is not duplicated here.)
+  attachBlock @1 (device :BlockDevice, options :AttachOptions)
+      -> (path :Text, holder :Core.Holder);
+  # Added: attach a block device (of any node) as a local block device; path is
+  # the device node. It stays attached until the holder is released (the
+  # service keeps it when the caller goes away); a persistent ref to the holder
+  # makes it come back when the node restarts.
+  listBlockAttachments @2 () -> (attachments :List(BlockAttachmentInfo));
+  # Added: the attachments made through attachBlock.
 }

@@ -14,6 +14,18 @@ interface L2Interface extends(Core.Persistable) {
   bindTo @1 (other :L2Interface) -> (holder :Core.Holder);
   # Pipes all traffic between this and other (bridging, or VXLAN when other
   # is on another node) as long as the holder lives.
+  localToken @2 () -> (token :Data);
+  # Added (issue 5): an unguessable value naming this interface inside the
+  # service that serves it. bindTo asks `other` for it to recognise an
+  # interface of its own node and bridge locally instead of tunnelling. An
+  # implementation without it is simply treated as remote.
+}
+
+interface WaitableHolder extends(Core.Holder, Core.Waitable) {
+  # Added (issue 5): the holder returned by setupVxlan and bindTo. wait()
+  # returns when the action ends (released by anyone) and fails when the
+  # service keeping it goes away, so the other end of a tunnel can tear its
+  # half down or re-establish it.
 }
 
 interface KernelInterface extends(L2Interface, Core.Destroyable) {
@@ -49,6 +61,12 @@ struct BindInfo {
   # tunnel end. Never the VNI, which is a secret.
   holder @3 :Core.Holder;
   # So `metac net unbind` can release an action made by another client.
+  device @4 :Text;
+  # Added (issue 5): the local interface that is bound (the user's device).
+  state @5 :Text;
+  # Added (issue 5): "up", "connecting" or "broken: <reason>".
+  persistent @6 :Bool;
+  # Added (issue 5): re-established when the service starts again.
 }
 
 interface NetworkServiceAdmin extends(Core.ServiceAdmin) {

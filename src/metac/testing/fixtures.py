@@ -4,7 +4,7 @@
   ``nsenter`` and can actually create a network namespace.
 * ``topology_factory``: ``make(n) -> Topology``; every topology is torn down
   at the end of the test, also when it fails.
-* ``nodes_factory``: ``make(n, extra_services=None, *, timeout=30) ->
+* ``nodes_factory``: ``make(n, extra_services=None, *, timeout=30, ipv6=False) ->
   list[NodeHost]``, each node started and ready; nodes, then topologies, are
   torn down at the end of the test. When the test fails, the tail of every
   node log is added to the failure report.
@@ -91,18 +91,23 @@ def nodes_factory(
     request: pytest.FixtureRequest,
     topology_factory: Callable[[int], Topology],
 ) -> Iterator[Callable[..., list[NodeHost]]]:
-    """``make(n, extra_services=None, *, timeout=30)``: ``n`` started, ready nodes on one bridge."""
+    """``make(n, extra_services=None, *, timeout=30, ipv6=False)``: ``n`` started, ready nodes
+    on one bridge (serving on their IPv6 ULA instead of IPv4 if ``ipv6``)."""
     all_nodes: list[NodeHost] = []
     request.node.stash[_nodes_key] = all_nodes
     with contextlib.ExitStack() as stack:
 
         def make(
-            n: int, extra_services: Mapping[str, str] | None = None, *, timeout: float = 30.0
+            n: int,
+            extra_services: Mapping[str, str] | None = None,
+            *,
+            timeout: float = 30.0,
+            ipv6: bool = False,
         ) -> list[NodeHost]:
             topo = topology_factory(n)
             nodes = []
             for host in topo.hosts:
-                node = stack.enter_context(NodeHost(host))
+                node = stack.enter_context(NodeHost(host, ipv6=ipv6))
                 all_nodes.append(node)
                 nodes.append(node)
             for node in nodes:  # start all, then wait: nodes boot in parallel

@@ -223,9 +223,12 @@ class NodeHost:
         base_dir: str | os.PathLike[str] | None = None,
         port: int = DEFAULT_PORT,
         env: Mapping[str, str] | None = None,
+        ipv6: bool = False,
     ) -> None:
         self.host = host
-        self.address: str = host.ipv4
+        #: The node serves (and names itself in refs) on this address; ``ipv6``
+        #: picks the host's ULA instead of its IPv4 address.
+        self.address: str = host.ipv6 if ipv6 else host.ipv4
         self.port = port
         #: Extra environment for the node and every CLI call.
         self.env: dict[str, str] = dict(env or {})

@@ -1,0 +1,456 @@
+"""`metac run`, `metac ps`, `metac kill`, `metac compute export|rootfs`: containers.
+
+``metac run`` launches CMD in a new environment on this node or on the node of
+``--on LAUNCHER-URI``, with filesystems (``--mount PATH=FS-URI``; ``/`` is the
+root filesystem) and networks (``--network name=...``) that may live on any
+node. stdin, stdout and stderr are connected to this terminal (one terminal
+with ``--pty``), the exit code comes back (128+N when signal N ended the
+process), and the environment is destroyed at the end. With ``--background``
+it prints a ref to the process and returns at once; the environment then goes
+away when its last process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import stat
+import sys
+import termios
+import time
+import tty
+from typing import Any
+
+from metac import errors
+from metac.api import NodePool, SturdyRef, connect_admin, ref_from_struct, rpc_errors, schema
+from metac.api import service_admin as get_service_admin
+from metac.cli.output import as_json, table
+from metac.codec.locators import LocalPath, Locator, NewLocal, RefLocator
+from metac.codec.runspecs import (
+    MountOption,
+    NetworkOption,
+    RunSpecError,
+    env_option,
+    signal_number,
+)
+from metac.core.streams import Endpoint, OpenedStream, Pump, local_address_for, open_stream
+
+OUTPUT_GRACE = 5.0  # after the process ended, how long its output may take to arrive
+
+
+def register(sub: Any) -> None:
+    r = sub.add_parser(
+        "run", help="run a command in a new container (on any node, with remote filesystems "
+                    "and networks)",
+        description="Run CMD in a new environment. Example: metac run --mount /=ref://... "
+                    "-- sh -c 'echo hi'")
+    r.add_argument("--on", metavar="LAUNCHER-URI",
+                   help="ref of a ComputeLauncher (`metac compute export` on its node); "
+                        "default: this node")
+    r.add_argument("--mount", action="append", default=[], metavar="PATH=FS-URI",
+                   help="mount a filesystem (local:/DIR or ref:...) at PATH; / is the root "
+                        "filesystem (required)")
+    r.add_argument("--network", action="append", default=[], metavar="SPEC",
+                   help="name=IFNAME[,uri=NET-URI][,address=ADDR/PREFIX]..."
+                        "[,route=NET/PREFIX[,via=GW]]...; no uri: a new network")
+    r.add_argument("--pty", action="store_true", help="give the process a terminal")
+    r.add_argument("-m", "--memory", type=int, default=0, metavar="MiB",
+                   help="memory limit of the environment")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable (repeatable)")
+    r.add_argument("-w", "--cwd", default="", help="working directory (default /)")
+    r.add_argument("--uid", type=int, default=0, help="user id in the environment (default 0)")
+    r.add_argument("--gid", type=int, default=None, help="group id (default: the uid)")
+    r.add_argument("--background", "-d", action="store_true",
+                   help="print a ref to the process and return (stdio is /dev/null)")
+    r.add_argument("--persistent", action="store_true",
+                   help="with --background: the ref survives node restarts")
+    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                   help="the command and its arguments")
+    r.set_defaults(func=run)
+
+    ps = sub.add_parser("ps", help="processes launched on this node")
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument("-a", "--all", action="store_true", help="also processes that ended")
+    ps.set_defaults(func=list_processes)
+
+    k = sub.add_parser("kill", help="send a signal to processes (by id, env id or ref)")
+    k.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
+    k.add_argument("targets", nargs="+", metavar="ID|REF",
+                   help="ENV.N (one process), ENV (all its processes) or a process ref")
+    k.set_defaults(func=kill)
+
+    c = sub.add_parser("compute", help="this node's compute service")
+    csub = c.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
+    ex = csub.add_parser("export", help="print a ref to this node's ComputeLauncher")
+    ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    ex.set_defaults(func=export)
+    rf = csub.add_parser("rootfs", help="build a root filesystem in a directory")
+    rf.add_argument("directory")
+    rf.add_argument("--debootstrap", metavar="SUITE",
+                    help="a minimal Debian (needs network access) instead of busybox")
+    rf.add_argument("--mirror", default=None, help="Debian mirror for --debootstrap")
+    rf.set_defaults(func=build_rootfs)
+
+
+# ---------------------------------------------------------------- resolving URIs
+
+
+class Resolver:
+    """Capabilities for the URIs of one command; local: ones come from this node."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+        self.pool: NodePool | None = None
+        self._admin: Any = None
+
+    async def admin(self) -> Any:
+        if self._admin is None:
+            self._admin = await self._stack.enter_async_context(connect_admin())
+        return self._admin
+
+    async def restore(self, ref: SturdyRef, interface: Any) -> Any:
+        if self.pool is None:
+            self.pool = await self._stack.enter_async_context(NodePool())
+        return await self.pool.restore(ref, interface)
+
+    async def launcher(self, text: str | None) -> tuple[Any, str]:
+        """The launcher and the address to open its node's streams from."""
+        if text:
+            loc = Locator.parse(text, allowed=("ref",))
+            assert isinstance(loc, RefLocator)
+            cap = await self.restore(loc.ref, schema.compute.ComputeLauncher)
+            return cap, local_address_for(loc.ref.node)
+        admin = await self.admin()
+        compute = await get_service_admin(admin, "compute", schema.compute.ComputeServiceAdmin)
+        async with rpc_errors():
+            launcher = (await compute.getLauncher()).launcher
+            address = (await admin.getUnprivilegedNode().node.address()).address.ip
+        return launcher, address
+
+    async def filesystem(self, loc: Locator) -> Any:
+        if isinstance(loc, RefLocator):
+            return await self.restore(loc.ref, schema.fs.Filesystem)
+        assert isinstance(loc, LocalPath)
+        fs_admin = await get_service_admin(await self.admin(), "fs",
+                                           schema.fs.FilesystemServiceAdmin)
+        async with rpc_errors():
+            ns = fs_admin.rootNamespace().ns
+            if not loc.parts:
+                return (await ns.filesystem()).fs
+            return (await ns.filesystem().fs.getSubtree("/".join(loc.parts))).fs
+
+    async def network(self, loc: Locator) -> Any:
+        if isinstance(loc, RefLocator):
+            return await self.restore(loc.ref, schema.network.L2Interface)
+        net_admin = await get_service_admin(await self.admin(), "net",
+                                            schema.network.NetworkServiceAdmin)
+        async with rpc_errors():
+            ns = net_admin.rootNamespace().ns
+            if isinstance(loc, NewLocal):
+                iface = (await ns.createInterface(loc.name)).iface
+            else:
+                iface = (await ns.getInterface(loc.name)).iface  # type: ignore[attr-defined]
+            return (await iface.l2Interface()).iface
+
+
+# ---------------------------------------------------------------- metac run
+
+
+def _parse_run(args: argparse.Namespace) -> tuple[list[str], list[MountOption],
+                                                  list[NetworkOption], list[str]]:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise errors.InvalidArgument("no command given: metac run [OPTIONS] -- CMD [ARGS...]")
+    if args.persistent and not args.background:
+        raise errors.InvalidArgument("--persistent needs --background")
+    try:
+        mounts = [MountOption.parse(m) for m in args.mount]
+        networks = [NetworkOption.parse(n) for n in args.network]
+        env = [env_option(e) for e in args.env]
+    except RunSpecError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+    if not any(m.path == "/" for m in mounts):
+        raise errors.InvalidArgument("a root filesystem is needed: --mount /=FS-URI "
+                                     "(see `metac compute rootfs`)")
+    if args.memory < 0 or args.uid < 0 or (args.gid or 0) < 0:
+        raise errors.InvalidArgument("memory, uid and gid must not be negative")
+    return command, mounts, networks, env
+
+
+def _terminal_size() -> tuple[int, int]:
+    for fd in (1, 0, 2):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+    return 0, 0
+
+
+async def _build_request(args: argparse.Namespace, resolver: Resolver, command: list[str],
+                         mounts: list[MountOption], networks: list[NetworkOption],
+                         env: list[str]) -> tuple[Any, Any]:
+    pd = schema.compute.ProcessDescription.new_message()
+    pd.args = command
+    pd.env = env
+    pd.cwd = args.cwd
+    pd.uid = args.uid
+    pd.gid = args.uid if args.gid is None else args.gid
+    if args.background:
+        pd.init("files", 0)
+    elif args.pty:
+        files = pd.init("files", 1)
+        files[0].isPty = True
+        files[0].rows, files[0].cols = _terminal_size()
+    else:
+        pd.init("files", 3)
+    ed = schema.compute.ProcessEnvironmentDescription.new_message()
+    fs_caps = [await resolver.filesystem(m.source) for m in mounts]
+    fss = ed.init("filesystems", len(mounts))
+    for item, m, cap in zip(fss, mounts, fs_caps, strict=True):
+        item.path = m.path
+        item.fs = cap
+    net_caps = [await resolver.network(n.uri) if n.uri is not None else None for n in networks]
+    nets = ed.init("networks", len(networks))
+    for item, n, cap in zip(nets, networks, net_caps, strict=True):
+        item.name = n.name
+        if cap is not None:
+            item.l2interface = cap
+        item.addresses = list(n.addresses)
+        routes = item.init("routes", len(n.routes))
+        for r_msg, r in zip(routes, n.routes, strict=True):
+            r_msg.network = r.network
+            r_msg.via = r.via
+    ed.memory = args.memory
+    ed.autoDestroy = bool(args.background)
+    return pd, ed
+
+
+async def run(args: argparse.Namespace) -> int:
+    command, mounts, networks, env = _parse_run(args)
+    async with contextlib.AsyncExitStack() as stack:
+        resolver = Resolver(stack)
+        launcher, address = await resolver.launcher(args.on)
+        pd, ed = await _build_request(args, resolver, command, mounts, networks, env)
+        async with rpc_errors():
+            res = await launcher.launch(processDescription=pd, envDescription=ed)
+        environment, process = res.env, res.process
+        if args.background:
+            async with rpc_errors():
+                ref = (await process.createSturdyRef(persistent=args.persistent)).id
+            print(ref_from_struct(ref).format())
+            return 0
+        try:
+            code = await _attach(process, address, pty=args.pty)
+        except asyncio.CancelledError:
+            code = -signal.SIGINT  # interrupted twice: give up waiting
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(environment.destroy(), 30)
+    return code if code >= 0 else 128 - code
+
+
+class _Terminal:
+    """This process's stdio for pumps, without changing fds other processes share."""
+
+    def __init__(self) -> None:
+        self._restore: list[Any] = []
+
+    def own(self, fd: int, *, write: bool) -> int:
+        """A non-blocking fd for ``fd``: a new open of a terminal or pipe (so the shared
+        one keeps its mode), else a duplicate whose blocking mode is restored later.
+        Closed by ``restore``."""
+        mode = os.fstat(fd).st_mode
+        new = -1
+        if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+            with contextlib.suppress(OSError):
+                new = os.open(f"/proc/self/fd/{fd}",
+                              (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC)
+        if new < 0:
+            new = os.dup(fd)
+            blocking = os.get_blocking(fd)
+            self._restore.append(lambda: os.set_blocking(fd, blocking))
+        self._restore.append(lambda: os.close(new))
+        os.set_blocking(new, False)
+        return new
+
+    def raw(self) -> None:
+        if os.isatty(0):
+            saved = termios.tcgetattr(0)
+            tty.setraw(0)
+            self._restore.append(lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved))
+
+    def restore(self) -> None:
+        for undo in reversed(self._restore):
+            with contextlib.suppress(OSError):
+                undo()
+        self._restore = []
+
+
+def _one_way(src: int, dst: int, name: str, on_eof: Any = None) -> Pump:
+    """A pump copying ``src`` to ``dst`` until EOF, then ``on_eof()``; closes neither."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.close(w)  # r reads EOF at once: the other direction ends immediately
+    sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    reader = Endpoint(src, sink, shutdown_write=lambda: None, close=lambda: os.close(sink),
+                      name=f"{name} source")
+    writer = Endpoint(r, dst, shutdown_write=on_eof or (lambda: None),
+                      close=lambda: os.close(r), name=f"{name} sink")
+    return Pump(reader, writer, name)
+
+
+def _half_close(opened: OpenedStream) -> Any:
+    return lambda: opened.sock.shutdown(socket.SHUT_WR)
+
+
+async def _attach(process: Any, address: str, *, pty: bool) -> int:
+    """Connect the terminal to the process, wait for it; its return code."""
+    term = _Terminal()
+    opened: list[OpenedStream] = []
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    main = asyncio.current_task()
+    interrupted = 0
+    forwarding: set[asyncio.Task[None]] = set()
+
+    def on_signal(sig: int) -> None:
+        nonlocal interrupted
+        interrupted += 1
+        if interrupted > 1 and main is not None:
+            main.cancel()
+            return
+        task = loop.create_task(_forward_signal(process, sig), name=f"forward signal {sig}")
+        forwarding.add(task)
+        task.add_done_callback(forwarding.discard)
+
+    def start(pump: Pump) -> asyncio.Task[None]:
+        task = loop.create_task(pump.run(), name=pump.name)
+        tasks.append(task)
+        return task
+
+    try:
+        async with rpc_errors():
+            for i in range(1 if pty else 3):
+                stream = (await process.file(i)).stream
+                opened.append(await open_stream(stream, local_address=address))
+        socks = [o.sock.fileno() for o in opened]
+        if pty:
+            term.raw()
+            start(_one_way(term.own(0, write=False), socks[0], "keyboard", _half_close(opened[0])))
+            outputs = [start(_one_way(socks[0], term.own(1, write=True), "screen"))]
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, on_signal, sig)
+            start(_one_way(term.own(0, write=False), socks[0], "stdin", _half_close(opened[0])))
+            outputs = [start(_one_way(socks[i], term.own(i, write=True), f"fd {i}"))
+                       for i in (1, 2)]
+        async with rpc_errors():
+            await process.wait()
+        await asyncio.wait(outputs, timeout=OUTPUT_GRACE)
+        async with rpc_errors():
+            return int((await process.returnCode()).code)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        term.restore()
+        for o in opened:
+            await o.aclose(timeout=1.0)
+
+
+async def _forward_signal(process: Any, sig: int) -> None:
+    with contextlib.suppress(Exception):
+        await process.kill(int(sig))
+
+
+# ---------------------------------------------------------------- ps, kill, export
+
+
+async def _compute_admin(stack: contextlib.AsyncExitStack) -> Any:
+    admin = await stack.enter_async_context(connect_admin())
+    return await get_service_admin(admin, "compute", schema.compute.ComputeServiceAdmin)
+
+
+def _row(p: Any) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "pid": p.pid,
+        "status": "running" if p.running else f"exited {p.returnCode}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.started)),
+        "command": " ".join(p.args),
+    }
+
+
+async def list_processes(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        compute = await _compute_admin(stack)
+        async with rpc_errors():
+            procs = (await compute.listProcesses()).processes
+        rows = [_row(p) for p in procs if p.running or args.all]
+    if args.json:
+        as_json(rows)
+    else:
+        table(rows, ["id", "pid", "status", "started", "command"])
+    return 0
+
+
+async def kill(args: argparse.Namespace) -> int:
+    try:
+        sig = signal_number(args.signal)
+    except RunSpecError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+    async with contextlib.AsyncExitStack() as stack:
+        resolver = Resolver(stack)
+        listed: list[Any] | None = None
+        for target in args.targets:
+            if target.startswith("ref:"):
+                loc = Locator.parse(target, allowed=("ref",))
+                assert isinstance(loc, RefLocator)
+                process = await resolver.restore(loc.ref, schema.compute.Process)
+                async with rpc_errors():
+                    await process.kill(int(sig))
+                continue
+            if listed is None:
+                compute = await _compute_admin(stack)
+                async with rpc_errors():
+                    listed = list((await compute.listProcesses()).processes)
+            matches = [p for p in listed if p.running and
+                       (p.id == target or p.id.split(".")[0] == target)]
+            if not matches:
+                raise errors.NotFound(f"no running process {target} on this node")
+            async with rpc_errors():
+                for p in matches:
+                    await p.process.kill(int(sig))
+    return 0
+
+
+async def export(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        compute = await _compute_admin(stack)
+        async with rpc_errors():
+            launcher = (await compute.getLauncher()).launcher
+            ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
+    print(ref_from_struct(ref).format())
+    return 0
+
+
+def build_rootfs(args: argparse.Namespace) -> int:
+    from metac.compute import rootfs
+
+    target = os.path.abspath(args.directory)
+    if args.debootstrap:
+        rootfs.build_debootstrap(target, args.debootstrap, args.mirror)
+    else:
+        links = rootfs.build_busybox(target)
+        print(f"busybox root filesystem in {target} ({len(links)} commands)", file=sys.stderr)
+    print(target)
+    print(f"next: metac fs export local:{target}  # then --mount /=<that ref>",
+          file=sys.stderr)
+    return 0

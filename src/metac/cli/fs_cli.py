@@ -1,0 +1,404 @@
+"""`metac fs|file|block ...`: share directories, files and disk images; mount and attach them.
+
+Resources are ``local:/PATH`` (on this node; needs root; symlinks in the path
+you type are resolved here, by you, before the node's confined walk starts) or
+``ref://…`` sturdy refs (of any node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from metac import errors
+from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
+from metac.cli.output import as_json, table
+from metac.codec.locators import LocalPath, Locator, RefLocator
+from metac.core.streams import local_address_for, open_stream
+
+KINDS = ("local", "ref")
+PROGRESS_MIN = 16 << 20
+CHUNK = 1 << 20
+
+
+def register(sub: Any) -> None:
+    _register_fs(sub)
+    _register_file(sub)
+    _register_block(sub)
+
+
+def _persistent(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--persistent", action="store_true", help=f"{what} survives node restarts")
+
+
+def _register_fs(sub: Any) -> None:
+    p = sub.add_parser("fs", help="share directories; mount them (9p or sshfs)")
+    s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
+
+    ex = s.add_parser("export", help="print a sturdy ref to a directory")
+    _persistent(ex, "the ref")
+    ex.add_argument("--read-only", action="store_true", help="a read-only view")
+    ex.add_argument("resource", help="local:/PATH or a ref to re-export")
+    ex.set_defaults(func=fs_export)
+
+    mo = s.add_parser("mount", help="mount a directory (of any node) here; returns once mounted")
+    _persistent(mo, "the mount (re-established when this node restarts)")
+    mo.add_argument("--read-only", action="store_true")
+    mo.add_argument("--method", choices=("auto", "9p", "sftp", "bind"), default="auto",
+                    help="kernel 9p, sshfs (FUSE) or bind (a local:/ directory); "
+                         "default: bind for local, else 9p if the kernel has it, else sftp")
+    mo.add_argument("resource", help="local:/PATH or ref://…")
+    mo.add_argument("path", help="mount point (an existing directory)")
+    mo.set_defaults(func=fs_mount)
+
+    um = s.add_parser("umount", help="unmount a mount made with `metac fs mount`")
+    um.add_argument("path")
+    um.set_defaults(func=fs_umount)
+
+    ls = s.add_parser("ls", help="mounts made with `metac fs mount` on this node")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=fs_ls)
+
+    st = s.add_parser("stream", help="print a ref to a stream that serves the directory with "
+                                     "9P or SFTP (for external clients, with `metac stream "
+                                     "forward`)")
+    _persistent(st, "the ref")
+    st.add_argument("--protocol", choices=("9p", "sftp"), default="9p")
+    st.add_argument("resource", help="local:/PATH or ref://…")
+    st.set_defaults(func=fs_stream)
+
+
+def _register_file(sub: Any) -> None:
+    p = sub.add_parser("file", help="share single files; copy them")
+    s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
+
+    ex = s.add_parser("export", help="print a sturdy ref to a file (it need not exist yet)")
+    _persistent(ex, "the ref")
+    ex.add_argument("--read-only", action="store_true")
+    ex.add_argument("resource", help="local:/PATH or a ref to re-export")
+    ex.set_defaults(func=file_export)
+
+    cat = s.add_parser("cat", help="copy a file to stdout")
+    cat.add_argument("resource", help="local:/PATH or ref://…")
+    cat.set_defaults(func=file_cat)
+
+    put = s.add_parser("put", help="write stdin to a file (created 0644 if missing)")
+    put.add_argument("--append", action="store_true")
+    put.add_argument("resource", help="local:/PATH or ref://…")
+    put.set_defaults(func=file_put)
+
+
+def _register_block(sub: Any) -> None:
+    p = sub.add_parser("block", help="share disk images; attach them as block devices")
+    s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
+
+    ex = s.add_parser("export", help="print a sturdy ref to a disk image as a block device")
+    _persistent(ex, "the ref")
+    ex.add_argument("--read-only", action="store_true", help="the device refuses writes")
+    ex.add_argument("resource", help="local:/PATH/disk.img or a ref to re-export")
+    ex.set_defaults(func=block_export)
+
+    at = s.add_parser("attach", help="attach a block device here; prints the device path")
+    _persistent(at, "the attachment")
+    at.add_argument("--read-only", action="store_true")
+    at.add_argument("--mount", metavar="PATH", default="", help="also mount it at PATH")
+    at.add_argument("resource", help="ref://… (or local:/PATH)")
+    at.set_defaults(func=block_attach)
+
+    de = s.add_parser("detach", help="detach (and unmount) an attached device")
+    de.add_argument("device", help="the device path, or the mount path given to attach")
+    de.set_defaults(func=block_detach)
+
+    ls = s.add_parser("ls", help="block devices attached with `metac block attach`")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=block_ls)
+
+    st = s.add_parser("stream", help="print a ref to an NBD stream of the device (for external "
+                                     "NBD clients, with `metac stream forward`)")
+    _persistent(st, "the ref")
+    st.add_argument("resource", help="ref://… or local:/PATH")
+    st.set_defaults(func=block_stream)
+
+
+# --- resolving resources ------------------------------------------------------------------
+
+
+class Resources:
+    """Turns FS/FILE/BLOCK text into capabilities; owns the connections it opens."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+        self._pool: NodePool | None = None
+        self._admin: Any = None
+        self._fs_admin: Any = None
+
+    async def admin(self) -> Any:
+        if self._admin is None:
+            self._admin = await self._stack.enter_async_context(connect_admin())
+        return self._admin
+
+    async def fs_admin(self) -> Any:
+        if self._fs_admin is None:
+            self._fs_admin = await service_admin(await self.admin(), "fs",
+                                                 schema.fs.FilesystemServiceAdmin)
+        return self._fs_admin
+
+    async def pool(self) -> NodePool:
+        if self._pool is None:
+            self._pool = await self._stack.enter_async_context(NodePool())
+        return self._pool
+
+    async def node_address(self) -> str:
+        async with rpc_errors():
+            addr = (await (await self.admin()).getUnprivilegedNode().node.address()).address
+        return addr.ip
+
+    async def resolve(self, text: str, interface: Any) -> tuple[Any, str]:
+        """(capability, our address toward its node) for ``text``."""
+        loc = Locator.parse(text, allowed=KINDS)
+        if isinstance(loc, RefLocator):
+            cap = await (await self.pool()).restore(loc.ref, interface)
+            return cap, local_address_for(loc.ref.node)
+        assert isinstance(loc, LocalPath)
+        real = LocalPath(os.path.realpath(loc.path))
+        root = (await self.fs_admin()).rootNamespace().ns.filesystem().fs
+        rel = "/".join(real.parts)
+        async with rpc_errors():
+            if interface is schema.fs.Filesystem:
+                cap = root.getSubtree(rel).fs if rel else root
+                await cap.info()
+            else:
+                if not rel:
+                    raise errors.InvalidArgument("/ is not a file")
+                cap = root.getFile(rel).file
+                if interface is schema.fs.BlockDevice:
+                    cap = cap.openAsBlock().device
+                await cap.info()
+        return cap, await self.node_address()
+
+
+async def _print_ref(cap: Any, persistent: bool) -> int:
+    async with rpc_errors():
+        res = await cap.cast_as(schema.core.Persistable).createSturdyRef(persistent=persistent)
+    print(ref_from_struct(res.id).format())
+    return 0
+
+
+# --- fs ---------------------------------------------------------------------------------------
+
+
+async def fs_export(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        fs, _ = await Resources(stack).resolve(args.resource, schema.fs.Filesystem)
+        if args.read_only:
+            fs = fs.readOnly().fs
+        return await _print_ref(fs, args.persistent)
+
+
+async def fs_mount(args: argparse.Namespace) -> int:
+    path = os.path.realpath(args.path)
+    if not os.path.isdir(path):
+        raise errors.InvalidArgument(f"{args.path}: not a directory")
+    async with contextlib.AsyncExitStack() as stack:
+        res = Resources(stack)
+        fs, _ = await res.resolve(args.resource, schema.fs.Filesystem)
+        ns = (await res.fs_admin()).rootNamespace().ns
+        options = schema.fs.MountOptions.new_message()
+        options.method = "" if args.method == "auto" else args.method
+        options.readOnly = args.read_only
+        async with rpc_errors():
+            holder = (await ns.mountWith(path, fs, options)).holder
+            if args.persistent:
+                await holder.createSturdyRef(persistent=True)
+            mounts = (await ns.listMounts()).mounts
+        method = next((m.method for m in mounts if m.path == path), "?")
+    print(f"mounted at {path} ({method}{', persistent' if args.persistent else ''})")
+    return 0
+
+
+async def _mounts(res: Resources) -> Any:
+    async with rpc_errors():
+        return (await (await res.fs_admin()).rootNamespace().ns.listMounts()).mounts
+
+
+async def fs_umount(args: argparse.Namespace) -> int:
+    wanted = {os.path.normpath(os.path.abspath(args.path)), os.path.realpath(args.path)}
+    async with contextlib.AsyncExitStack() as stack:
+        for m in await _mounts(Resources(stack)):
+            if m.path in wanted:
+                async with rpc_errors():
+                    await m.holder.release()
+                print(f"unmounted {m.path}")
+                return 0
+    raise errors.NotFound(f"{args.path}: not a mount made by `metac fs mount`")
+
+
+async def fs_ls(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        rows = [{"path": m.path, "method": m.method, "source": m.source, "state": m.state,
+                 "persistent": bool(m.persistent), "read_only": bool(m.readOnly)}
+                for m in await _mounts(Resources(stack))]
+    if args.json:
+        as_json(rows)
+    else:
+        table(rows, ["path", "method", "source", "state", "persistent", "read_only"])
+    return 0
+
+
+async def fs_stream(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        fs, _ = await Resources(stack).resolve(args.resource, schema.fs.Filesystem)
+        stream = fs.v9fsStream().stream if args.protocol == "9p" else fs.sftpStream().stream
+        return await _print_ref(stream, args.persistent)
+
+
+# --- file -------------------------------------------------------------------------------------
+
+
+async def file_export(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        f, _ = await Resources(stack).resolve(args.resource, schema.fs.File)
+        if args.read_only:
+            f = f.readOnly().file
+        return await _print_ref(f, args.persistent)
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal and the file is large)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.enabled = total >= PROGRESS_MIN and sys.stderr.isatty()
+        self.start = self._last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last > 0.2:
+            self._last = now
+            rate = self.done / max(now - self.start, 1e-6) / (1 << 20)
+            pct = 100 * self.done / self.total if self.total else 100
+            sys.stderr.write(f"\r{pct:5.1f}%  {self.done >> 20} / {self.total >> 20} MiB  "
+                             f"{rate:.0f} MiB/s ")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def file_cat(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        f, local = await Resources(stack).resolve(args.resource, schema.fs.File)
+        async with rpc_errors():
+            info = (await f.info()).info
+            if not info.exists:
+                raise errors.NotFound("no such file")
+            stream = (await f.openAsStream()).stream
+        opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
+        progress = Progress(info.size)
+        buf = bytearray(CHUNK)
+        out = sys.stdout.buffer
+        while True:
+            n = await loop.sock_recv_into(opened.sock, buf)
+            if not n:
+                break
+            out.write(memoryview(buf)[:n])
+            progress.add(n)
+        out.flush()
+        progress.finish()
+    return 0
+
+
+async def file_put(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        f, local = await Resources(stack).resolve(args.resource, schema.fs.File)
+        async with rpc_errors():
+            stream = (await f.openForWrite(args.append)).stream
+        opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
+        sock = opened.sock
+        stdin = sys.stdin.buffer.fileno()
+        try:
+            while True:
+                data = await loop.run_in_executor(None, os.read, stdin, CHUNK)
+                if not data:
+                    break
+                await loop.sock_sendall(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+            # The node closes its side only once everything is written and flushed.
+            while await loop.sock_recv(sock, 4096):
+                pass
+        except ConnectionError as exc:
+            raise errors.Unavailable(f"the write was cut off: {exc.strerror or exc}") from None
+    return 0
+
+
+# --- block ------------------------------------------------------------------------------------
+
+
+async def block_export(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        dev, _ = await Resources(stack).resolve(args.resource, schema.fs.BlockDevice)
+        if args.read_only:
+            dev = dev.readOnly().device
+        return await _print_ref(dev, args.persistent)
+
+
+async def block_stream(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        dev, _ = await Resources(stack).resolve(args.resource, schema.fs.BlockDevice)
+        return await _print_ref(dev.nbdSetup().stream, args.persistent)
+
+
+async def block_attach(args: argparse.Namespace) -> int:
+    mount_path = os.path.realpath(args.mount) if args.mount else ""
+    async with contextlib.AsyncExitStack() as stack:
+        res = Resources(stack)
+        dev, _ = await res.resolve(args.resource, schema.fs.BlockDevice)
+        options = schema.fs.AttachOptions.new_message()
+        options.readOnly = args.read_only
+        options.mountPath = mount_path
+        async with rpc_errors():
+            out = await (await res.fs_admin()).attachBlock(dev, options)
+            if args.persistent:
+                await out.holder.createSturdyRef(persistent=True)
+    print(out.path)
+    return 0
+
+
+async def _attachments(res: Resources) -> Any:
+    async with rpc_errors():
+        return (await (await res.fs_admin()).listBlockAttachments()).attachments
+
+
+async def block_detach(args: argparse.Namespace) -> int:
+    wanted = {args.device, os.path.realpath(args.device)}
+    async with contextlib.AsyncExitStack() as stack:
+        for a in await _attachments(Resources(stack)):
+            if a.device in wanted or (a.mountPath and a.mountPath in wanted):
+                async with rpc_errors():
+                    await a.holder.release()
+                print(f"detached {a.device or a.source}")
+                return 0
+    raise errors.NotFound(f"{args.device}: not attached with `metac block attach`")
+
+
+async def block_ls(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        rows = [{"device": a.device, "mount": a.mountPath, "method": a.method,
+                 "source": a.source, "state": a.state, "persistent": bool(a.persistent),
+                 "read_only": bool(a.readOnly)} for a in await _attachments(Resources(stack))]
+    if args.json:
+        as_json(rows)
+    else:
+        table(rows, ["device", "mount", "method", "source", "state", "persistent", "read_only"])
+    return 0

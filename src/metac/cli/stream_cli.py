@@ -1,0 +1,187 @@
+"""`metac stream export|cat|forward|bind`: byte streams as capabilities (like nc, ssh -L, socat).
+
+STREAM arguments are ``ref://…`` sturdy refs, or ``tcp:HOST:PORT`` / ``unix:PATH``
+endpoints of the local node (exported on the fly; needs root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from typing import Any
+
+from metac import errors
+from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
+from metac.codec.locators import Locator, RefLocator, TcpEndpoint
+from metac.core.streams import Endpoint, local_address_for, open_stream, pipe_endpoints
+
+STREAM_KINDS = ("ref", "tcp", "unix")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("stream", help="share TCP/unix endpoints; cat, forward and bind streams")
+    ssub = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
+
+    ex = ssub.add_parser("export", help="print a sturdy ref to a TCP or unix endpoint of this node")
+    ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    ex.add_argument("resource", help="tcp:HOST:PORT, unix:PATH, or a ref to re-export")
+    ex.set_defaults(func=export)
+
+    cat = ssub.add_parser("cat", help="connect stdin/stdout to a stream (like nc)")
+    cat.add_argument("stream", help="ref://… (or tcp:/unix: of this node)")
+    cat.set_defaults(func=cat_stream)
+
+    fw = ssub.add_parser("forward", help="listen locally; each connection opens a new stream")
+    fw.add_argument("stream", help="ref://… (or tcp:/unix: of this node)")
+    fw.add_argument("listen", help="[HOST:]PORT to listen on (HOST defaults to 127.0.0.1; "
+                                   "PORT 0 picks one and prints it)")
+    fw.set_defaults(func=forward)
+
+    bd = ssub.add_parser("bind", help="pipe two streams into each other; prints a ref to the bind "
+                                      "(revoke it with `metac ref rm` to unbind)")
+    bd.add_argument("--persistent", action="store_true",
+                    help="re-establish the bind when the node restarts")
+    bd.add_argument("first")
+    bd.add_argument("second")
+    bd.set_defaults(func=bind)
+
+
+class StreamResolver:
+    """Turns STREAM text into a Stream capability, and the address to open it from."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+        self._pool: NodePool | None = None
+        self._admin: Any = None
+
+    async def _stream_admin(self) -> Any:
+        if self._admin is None:
+            admin = await self._stack.enter_async_context(connect_admin())
+            self._admin = (admin, await service_admin(admin, "stream",
+                                                      schema.stream.StreamServiceAdmin))
+        return self._admin
+
+    async def resolve(self, text: str) -> tuple[Any, str]:
+        loc = Locator.parse(text, allowed=STREAM_KINDS)
+        if isinstance(loc, RefLocator):
+            if self._pool is None:
+                self._pool = await self._stack.enter_async_context(NodePool())
+            cap = await self._pool.restore(loc.ref, schema.stream.Stream)
+            return cap, local_address_for(loc.ref.node)
+        admin, stream_admin = await self._stream_admin()
+        async with rpc_errors():
+            if isinstance(loc, TcpEndpoint):
+                cap = (await stream_admin.tcpEndpoint(loc.host, loc.port)).stream
+            else:
+                cap = (await stream_admin.unixEndpoint(loc.path)).stream  # type: ignore[attr-defined]
+            address = (await admin.getUnprivilegedNode().node.address()).address.ip
+        return cap, address
+
+    def forget(self, text: str) -> None:
+        """A ref's node connection broke: reconnect on the next resolve."""
+        loc = Locator.parse(text, allowed=STREAM_KINDS)
+        if isinstance(loc, RefLocator) and self._pool is not None:
+            self._pool.forget(loc.ref.node, loc.ref.port)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the command like Ctrl-C (holders are released on the way out)."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+async def export(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        cap, _ = await StreamResolver(stack).resolve(args.resource)
+        async with rpc_errors():
+            ref = (await cap.createSturdyRef(persistent=args.persistent)).id
+        print(ref_from_struct(ref).format())
+    return 0
+
+
+async def cat_stream(args: argparse.Namespace) -> int:
+    _stop_on_sigterm()
+    async with contextlib.AsyncExitStack() as stack:
+        cap, address = await StreamResolver(stack).resolve(args.stream)
+        opened = await open_stream(cap, local_address=address)
+        stack.push_async_callback(opened.aclose)
+        pump = await pipe_endpoints(Endpoint.of_stdio(), opened.endpoint(),
+                                    "cat")
+    if pump.error is not None and not isinstance(pump.error, BrokenPipeError):
+        raise errors.Unavailable(f"stream broken: {pump.error}")
+    return 0
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise errors.InvalidArgument("listen address must be [HOST:]PORT, PORT in 0..65535") \
+            from None
+    return host, port
+
+
+async def forward(args: argparse.Namespace) -> int:
+    host, port = _listen_address(args.listen)
+    _stop_on_sigterm()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        resolver = StreamResolver(stack)
+        cap, address = await resolver.resolve(args.stream)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            server = socket.create_server((host, port), family=family, backlog=128)
+        except OSError as exc:
+            raise errors.FailedPrecondition(f"cannot listen on {args.listen}: {exc.strerror}") \
+                from None
+        stack.callback(server.close)
+        server.setblocking(False)
+        bound = server.getsockname()
+        shown = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+        print(f"forwarding {shown}; Ctrl-C to stop", flush=True)
+        state = {"cap": cap}
+
+        async def one(conn: socket.socket, peer: Any) -> None:
+            client = Endpoint.of_socket(conn, "client")
+            try:
+                try:
+                    opened = await open_stream(state["cap"], local_address=address)
+                except errors.Unavailable:
+                    resolver.forget(args.stream)  # the node may have restarted: once more
+                    state["cap"], _ = await resolver.resolve(args.stream)
+                    opened = await open_stream(state["cap"], local_address=address)
+            except errors.MetacError as exc:
+                print(f"metac: {exc.category}: {exc}", file=sys.stderr, flush=True)
+                client.close()
+                return
+            async with opened:
+                await pipe_endpoints(client, opened.endpoint(),
+                                     f"forward {peer[0]}:{peer[1]}")
+
+        with contextlib.suppress(asyncio.CancelledError):
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    conn, peer = await loop.sock_accept(server)
+                    tg.create_task(one(conn, peer), name=f"forward {peer[0]}:{peer[1]}")
+    return 0
+
+
+async def bind(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        resolver = StreamResolver(stack)
+        first, _ = await resolver.resolve(args.first)
+        second, _ = await resolver.resolve(args.second)
+        async with rpc_errors():
+            holder = (await first.bindTo(second)).holder
+            ref = (await holder.createSturdyRef(persistent=args.persistent)).id
+        print(ref_from_struct(ref).format())
+    return 0

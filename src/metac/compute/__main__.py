@@ -1,0 +1,3 @@
+from metac.compute.service import main
+
+main()

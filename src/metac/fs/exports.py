@@ -1,0 +1,236 @@
+"""Server classes for what the fs service exports: Filesystem, File, BlockDevice.
+
+Each object holds a confined handle (``resolve.Directory`` or ``resolve.Entry``)
+and a read-only bit; everything derived from a read-only object is read-only.
+Their persistence descriptions are the absolute path and the bit; restoring
+walks the path again from ``/`` without following symlinks.
+
+Data connections are ``HandoffStreamServer`` streams whose callback runs one
+sandboxed server program per connection (``servers``). Such streams are
+persistable too (their description names the object and the protocol), so a
+9P, SFTP or NBD endpoint can be shared as a plain Stream ref, e.g. for
+``metac stream forward`` and an external client.
+
+``local_object(secret)`` tells whether a sturdy ref this process just minted
+belongs to one of its own objects: ``mount`` uses it to bind-mount a local
+filesystem instead of going through the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import secrets
+import stat
+import weakref
+from typing import Any
+
+from metac import errors
+from metac.core.service import Description, PersistableMixin
+from metac.core.streams import HandoffStreamServer
+from metac.core.supervisor import require_program
+from metac.fs import servers
+from metac.fs.resolve import Directory, Entry, parse_name
+from metac.fs.state import FsState
+from metac.schema.load import fs as fs_schema
+
+_MINTED: dict[bytes, weakref.ref[Any]] = {}
+_MINTED_MAX = 256
+
+
+def local_object(secret: bytes) -> Any:
+    """The object of this process a just-minted ref points to, or None."""
+    ref = _MINTED.pop(secret, None)
+    return ref() if ref is not None else None
+
+
+class Exported(PersistableMixin):
+    """createSturdyRef that also remembers which local object a new ref points to."""
+
+    _state: FsState
+
+    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
+                              **kwargs: Any) -> None:
+        if self._runtime_id is None:
+            self._runtime_id = secrets.token_hex(16)
+        ref = await self._ctx.create_ref(self, self._describe(), self._runtime_id, rgroup,
+                                         persistent)
+        _context.results.id = ref
+        while len(_MINTED) >= _MINTED_MAX:
+            _MINTED.pop(next(iter(_MINTED)))
+        _MINTED[bytes(ref.objectInfo)] = weakref.ref(self)
+
+
+def protocol_stream(state: FsState, owner: Any, protocol: str, serve: Any) -> HandoffStreamServer:
+    return HandoffStreamServer(
+        state.streams, serve, name=protocol, ctx=state.ctx,
+        description=Description("stream", {"protocol": protocol}, caps=[owner]))
+
+
+class FilesystemServer(Exported, fs_schema.Filesystem.Server):
+    def __init__(self, state: FsState, directory: Directory, read_only: bool = False) -> None:
+        self._state = state
+        self._ctx = state.ctx
+        self.directory = directory
+        self.read_only = read_only
+
+    def _describe(self) -> Description:
+        return Description("filesystem", {"path": self.directory.path, "readOnly": self.read_only})
+
+    async def getSubtree(self, name: str, _context: Any, **kwargs: Any) -> None:
+        sub = self.directory.subdir(parse_name(name))
+        _context.results.fs = FilesystemServer(self._state, sub, self.read_only)
+
+    async def getFile(self, name: str, _context: Any, **kwargs: Any) -> None:
+        entry = Entry.resolve(self.directory, name)
+        _context.results.file = FileServer(self._state, entry, self.read_only)
+
+    def stream_9p(self) -> HandoffStreamServer:
+        require_program("diod", "diod")
+        require_program("bwrap", "bubblewrap")
+        serve = functools.partial(servers.serve_9p, self._state.supervisor, self.directory,
+                                  self.read_only)
+        return protocol_stream(self._state, self, "9p", serve)
+
+    def stream_sftp(self) -> HandoffStreamServer:
+        if not os.access(servers.SFTP_SERVER, os.X_OK):
+            raise errors.MissingDependency(servers.SFTP_SERVER, "openssh-sftp-server")
+        require_program("bwrap", "bubblewrap")
+        serve = functools.partial(servers.serve_sftp, self._state.supervisor,
+                                  self._state.identity_dir, self.directory, self.read_only)
+        return protocol_stream(self._state, self, "sftp", serve)
+
+    async def v9fsStream(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.stream = self.stream_9p()
+
+    async def sftpStream(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.stream = self.stream_sftp()
+
+    async def readOnly(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.fs = FilesystemServer(self._state, self.directory.dup(), True)
+
+    async def info(self, _context: Any, **kwargs: Any) -> None:
+        info = _context.results.init("info")
+        info.name = posixpath.basename(self.directory.path)
+        info.readOnly = self.read_only
+
+
+class FileServer(Exported, fs_schema.File.Server):
+    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
+        self._state = state
+        self._ctx = state.ctx
+        self.entry = entry
+        self.read_only = read_only
+
+    def _describe(self) -> Description:
+        return Description("file", {"path": self.entry.path, "readOnly": self.read_only})
+
+    async def openAsStream(self, _context: Any, **kwargs: Any) -> None:
+        os.close(self.entry.open_regular(os.O_RDONLY))  # fail now, not after tcpListen
+        _context.results.stream = protocol_stream(
+            self._state, self, "read", functools.partial(servers.send_file, self.entry))
+
+    async def openForWrite(self, append: bool, _context: Any, **kwargs: Any) -> None:
+        if self.read_only:
+            raise errors.PermissionDenied("this file capability is read-only")
+        st = self.entry.lstat()  # fail now, not after tcpListen (the open checks again)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise errors.PermissionDenied(f"{self.entry.name}: is a symlink (not followed)")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise errors.FailedPrecondition(f"{self.entry.name}: not a regular file")
+        serve = functools.partial(servers.receive_file, self.entry, bool(append))
+        _context.results.stream = HandoffStreamServer(self._state.streams, serve, name="write")
+
+    async def openAsBlock(self, _context: Any, **kwargs: Any) -> None:
+        os.close(servers.open_image(self.entry))
+        _context.results.device = BlockDeviceServer(
+            self._state, Entry(self.entry.parent.dup(), self.entry.name), self.read_only)
+
+    async def readOnly(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.file = FileServer(
+            self._state, Entry(self.entry.parent.dup(), self.entry.name), True)
+
+    async def info(self, _context: Any, **kwargs: Any) -> None:
+        info = _context.results.init("info")
+        st = self.entry.lstat()
+        info.readOnly = self.read_only
+        if st is not None:
+            info.exists = True
+            info.size = st.st_size
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.mtime = st.st_mtime
+
+
+class BlockDeviceServer(Exported, fs_schema.BlockDevice.Server):
+    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
+        self._state = state
+        self._ctx = state.ctx
+        self.entry = entry
+        self.read_only = read_only
+
+    def _describe(self) -> Description:
+        return Description("block", {"path": self.entry.path, "readOnly": self.read_only})
+
+    def stream_nbd(self) -> HandoffStreamServer:
+        require_program("nbdkit", "nbdkit")
+        require_program("bwrap", "bubblewrap")
+        serve = functools.partial(servers.serve_nbd, self._state.supervisor, self.entry,
+                                  self.read_only)
+        return protocol_stream(self._state, self, "nbd", serve)
+
+    async def nbdSetup(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.stream = self.stream_nbd()
+
+    async def readOnly(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.device = BlockDeviceServer(
+            self._state, Entry(self.entry.parent.dup(), self.entry.name), True)
+
+    async def info(self, _context: Any, **kwargs: Any) -> None:
+        fd = servers.open_image(self.entry)
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        info = _context.results.init("info")
+        info.size = size
+        info.readOnly = self.read_only
+
+
+# --- restoring ----------------------------------------------------------------------
+
+
+def restore_filesystem(state: FsState, data: dict[str, Any]) -> FilesystemServer:
+    return FilesystemServer(state, Directory.open_absolute(str(data["path"])),
+                            bool(data.get("readOnly")))
+
+
+def _entry_at(path: str) -> Entry:
+    if not path.startswith("/") or path == "/":
+        raise errors.InvalidArgument("corrupt description: bad path")
+    parent, name = posixpath.split(path)
+    return Entry(Directory.open_absolute(parent), name)
+
+
+def restore_file(state: FsState, data: dict[str, Any]) -> FileServer:
+    return FileServer(state, _entry_at(str(data["path"])), bool(data.get("readOnly")))
+
+
+def restore_block(state: FsState, data: dict[str, Any]) -> BlockDeviceServer:
+    return BlockDeviceServer(state, _entry_at(str(data["path"])), bool(data.get("readOnly")))
+
+
+async def restore_stream(state: FsState, data: dict[str, Any], caps: list[Any]) -> Any:
+    """A protocol stream: ask its owner (restored by persistence) for a new one."""
+    if len(caps) != 1:
+        raise errors.InvalidArgument("corrupt description: a stream has one owner")
+    protocol = data.get("protocol")
+    if protocol == "9p":
+        return (await caps[0].cast_as(fs_schema.Filesystem).v9fsStream()).stream
+    if protocol == "sftp":
+        return (await caps[0].cast_as(fs_schema.Filesystem).sftpStream()).stream
+    if protocol == "nbd":
+        return (await caps[0].cast_as(fs_schema.BlockDevice).nbdSetup()).stream
+    if protocol == "read":
+        return (await caps[0].cast_as(fs_schema.File).openAsStream()).stream
+    raise errors.InvalidArgument("corrupt description: unknown protocol")

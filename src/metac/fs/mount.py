@@ -1,0 +1,312 @@
+"""Mounting a Filesystem capability at a local path, and keeping it mounted.
+
+Three methods, picked by ``choose_method`` unless forced:
+
+* ``bind``: the capability is one of this service's own directories: a bind
+  mount of its ``O_PATH`` fd (``mount --bind``; no server, no network).
+* ``9p``: where the kernel has the 9p filesystem: ``v9fsStream()`` opened as a
+  local socket, handed to the kernel with ``mount -t 9p -o trans=fd``.
+* ``sftp``: otherwise (FUSE): ``sftpStream()`` opened as a local socket, given
+  to ``sshfs -o passive`` as stdin/stdout (SFTP with no SSH layer).
+
+A ``MountSession`` owns one mount point: the connection (``OpenedStream``, whose
+holder keeps the server on the other node), the helper process and the mount.
+A watcher notices when the connection dies (sshfs exits; for 9p the TCP state
+leaves ESTABLISHED; keepalive bounds both to about 20 s). The dead mount is then
+replaced by a read-only empty placeholder, so operations fail instead of
+hanging or writing into the directory underneath. A persistent session then
+reconnects with backoff (through a persistent ref of the filesystem, restored
+anew from its node); a non-persistent one stays disconnected until released.
+
+A record file per session (``<state>/fs/records/<id>.json``) lets the next
+start of the service unmount what a crashed run left behind (``sweep``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from metac import errors
+from metac.codec.refs import SturdyRef
+from metac.core.streams import OpenedStream, open_stream
+from metac.core.supervisor import Child, require_program
+from metac.fs import kernel
+from metac.fs.state import FsState
+from metac.schema.load import fs as fs_schema
+
+log = logging.getLogger(__name__)
+
+METHODS = ("9p", "sftp", "bind")
+MOUNT_WAIT = 15.0
+WATCH_INTERVAL = 2.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 15.0
+NINEP_MSIZE = 512 * 1024
+SSHFS_OPTIONS = "passive,allow_other,default_permissions,idmap=none,max_write=262144"
+
+
+def kernel_has_9p() -> bool:
+    return "9p" in kernel.filesystem_types()
+
+
+def choose_method(wanted: str, *, local: bool) -> str:
+    """The method to use ("" or "auto" picks one); Unsupported if the kernel lacks it."""
+    if wanted in ("", "auto"):
+        if local:
+            return "bind"
+        return "9p" if kernel_has_9p() else "sftp"
+    if wanted not in METHODS:
+        raise errors.InvalidArgument(f"unknown mount method {wanted!r}; use 9p, sftp or bind")
+    if wanted == "bind" and not local:
+        raise errors.InvalidArgument("a bind mount needs a filesystem of this node")
+    if wanted == "9p" and not kernel_has_9p():
+        raise errors.Unsupported("this kernel has no 9p filesystem (modules 9p, 9pnet_fd); "
+                                 "use --method sftp (FUSE)")
+    return wanted
+
+
+def ninep_options(fd: int) -> str:
+    return ",".join([f"trans=fd,rfdno={fd},wfdno={fd}", "version=9p2000.L", "aname=/export",
+                     "access=client", f"msize={NINEP_MSIZE}", "cache=mmap"])
+
+
+def sshfs_argv(sshfs: str, path: str, marker: str, *, read_only: bool) -> list[str]:
+    opts = f"{SSHFS_OPTIONS},fsname={marker},subtype=metac"
+    if read_only:
+        opts += ",ro"
+    return [sshfs, "-f", "-o", opts, ":/export", path]
+
+
+class MountSession:
+    """One mount point and everything that keeps it mounted (see the module docstring)."""
+
+    def __init__(self, state: FsState, *, mount_id: str, path: str, method: str,
+                 read_only: bool, fs_cap: Any = None, local: Any = None,
+                 source: str = "local", target: SturdyRef | None = None) -> None:
+        self.state = state
+        self.id = mount_id
+        self.path = path
+        self.wanted = method
+        self.method = ""
+        self.read_only = read_only
+        self.fs_cap = fs_cap
+        self.local = local  # a FilesystemServer of this process, for bind mounts
+        self.source = source
+        self.target = target  # persistent ref of the filesystem: set when persistent
+        self.status = "connecting"
+        self.marker = f"metac:{mount_id}"
+        self._stream: OpenedStream | None = None
+        self._child: Child | None = None
+        self._ninep_fd: int | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def persistent(self) -> bool:
+        return self.target is not None
+
+    # --- records (for the sweep after a crash) ---
+
+    @property
+    def _record_path(self) -> str:
+        return os.path.join(self.state.records_dir, f"mount-{self.id}.json")
+
+    def _write_record(self) -> None:
+        with open(self._record_path, "w") as f:
+            json.dump({"path": self.path, "sources": [self.marker, kernel.PLACEHOLDER_SOURCE],
+                       "mount_ids": self._mount_ids()}, f)
+
+    def _mount_ids(self) -> list[int]:
+        return [e.mount_id for e in kernel.mounts_at(self.path)
+                if e.source in (self.marker, kernel.PLACEHOLDER_SOURCE) or self.method == "bind"]
+
+    # --- connecting ---
+
+    async def start(self) -> None:
+        """Mount now (errors reach the caller), then watch the connection."""
+        self._write_record()
+        try:
+            await self._connect()
+        except BaseException:
+            await self._teardown()
+            self._drop_record()
+            raise
+        self._start_watcher()
+
+    def start_in_background(self) -> None:
+        """Mount as soon as the filesystem is reachable (used when restoring)."""
+        self._write_record()
+        self.status = "disconnected"
+        with contextlib.suppress(OSError):
+            kernel.placeholder(self.path)
+        self._start_watcher(connected=False)
+
+    def _start_watcher(self, connected: bool = True) -> None:
+        self._watcher = self.state.streams.spawn(self._watch(connected), f"watch mount {self.id}")
+
+    async def _connect(self) -> None:
+        kernel.need_root()
+        self.method = choose_method(self.wanted, local=self.local is not None)
+        if self.method == "bind":
+            self._bind()
+        else:
+            fs = self.fs_cap.cast_as(fs_schema.Filesystem)
+            stream = (await (fs.v9fsStream() if self.method == "9p" else fs.sftpStream())).stream
+            self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address)
+            kernel.keepalive(self._stream.sock)
+            if self.method == "9p":
+                self._mount_9p(self._stream.sock)
+            else:
+                await self._mount_sshfs(self._stream.sock)
+        self.status = "mounted"
+        self._write_record()
+        log.info("mounted %s at %s (%s)", self.source, self.path, self.method)
+
+    def _bind(self) -> None:
+        kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
+        fd = self.local.directory.fd
+        kernel.mount(f"/proc/self/fd/{fd}", self.path, None, kernel.MS_BIND | kernel.MS_REC)
+        if self.read_only or self.local.read_only:
+            kernel.mount("none", self.path, None,
+                         kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY)
+
+    def _mount_9p(self, sock: socket.socket) -> None:
+        kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
+        sock.setblocking(True)
+        fd = sock.fileno()
+        flags = kernel.MS_NOSUID | kernel.MS_NODEV | (kernel.MS_RDONLY if self.read_only else 0)
+        kernel.mount(self.marker, self.path, "9p", flags, ninep_options(fd))
+        self._ninep_fd = os.dup(fd)  # for watching the TCP state; the kernel has its own
+        sock.close()
+
+    async def _mount_sshfs(self, sock: socket.socket) -> None:
+        sshfs = require_program("sshfs", "sshfs")
+        kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
+        sock.setblocking(True)
+        fd = sock.fileno()
+        self._child = await self.state.supervisor.spawn(
+            sshfs_argv(sshfs, self.path, self.marker, read_only=self.read_only),
+            name=f"sshfs-{self.id}", stdin=fd, stdout=fd)
+        sock.close()  # sshfs holds the connection now
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MOUNT_WAIT
+        while True:
+            top = kernel.top_mount(self.path)
+            if top is not None and top.source == self.marker:
+                return
+            if self._child.returncode is not None or loop.time() > deadline:
+                raise errors.Unavailable(f"sshfs did not mount {self.path} "
+                                         f"(see {self._child.log_path})")
+            await asyncio.sleep(0.05)
+
+    # --- watching, reconnecting ---
+
+    async def _wait_broken(self) -> None:
+        if self.method == "bind":
+            await asyncio.Event().wait()
+        if self._child is not None:
+            await self._child.wait()
+            return
+        while self._ninep_fd is not None and kernel.tcp_established(self._ninep_fd):
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    async def _watch(self, connected: bool) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._closed:
+            if connected:
+                await self._wait_broken()
+                if self._closed:
+                    return
+                log.warning("mount %s at %s lost its connection", self.source, self.path)
+                self.status = "disconnected"
+                await self._teardown()
+                with contextlib.suppress(OSError):
+                    kernel.placeholder(self.path)
+                self._write_record()
+            if not self.persistent:
+                return  # stays disconnected (placeholder) until released
+            connected = False
+            try:
+                self.fs_cap = await self.state.ctx.pool.restore(self.target, fs_schema.Filesystem)
+                await self._connect()
+                connected = True
+                backoff = BACKOFF_FIRST
+            except (errors.MetacError, OSError) as exc:
+                if isinstance(exc, errors.Unavailable):
+                    self.state.ctx.pool.forget(self.target.node, self.target.port)
+                log.info("mount %s at %s: reconnecting failed (%s); next try in %.0f s",
+                         self.source, self.path, exc, backoff)
+                await self._teardown()
+                with contextlib.suppress(OSError):
+                    kernel.placeholder(self.path)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    # --- tearing down ---
+
+    async def _teardown(self) -> None:
+        """Unmount (lazily), stop the helper, close the connection. Idempotent."""
+        kernel.remove_top(self.path, [self.marker])
+        if self.method == "bind" and self.status == "mounted":
+            with contextlib.suppress(OSError):
+                kernel.unmount(self.path)
+        child, self._child = self._child, None
+        if child is not None:
+            await self.state.supervisor.stop(child, grace=2.0)
+            kernel.remove_top(self.path, [self.marker])
+        if self._ninep_fd is not None:
+            os.close(self._ninep_fd)
+            self._ninep_fd = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    def _drop_record(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._record_path)
+
+    async def close(self) -> None:
+        """Unmount for good (the placeholder too) and forget the record."""
+        self._closed = True
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await self._teardown()
+        kernel.remove_top(self.path, [self.marker, kernel.PLACEHOLDER_SOURCE])
+        self.status = "released"
+        self._drop_record()
+        log.info("unmounted %s", self.path)
+
+
+def sweep(records_dir: str) -> list[str]:
+    """Unmount what the records of an earlier (crashed) run name; returns the paths."""
+    done = []
+    for entry in sorted(os.listdir(records_dir)):
+        if not entry.startswith("mount-"):
+            continue
+        path = os.path.join(records_dir, entry)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            mountpoint = str(record["path"])
+            sources = {str(s) for s in record.get("sources", [])}
+            ids = {int(i) for i in record.get("mount_ids", [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            os.unlink(path)
+            continue
+        for _ in range(16):
+            top = kernel.top_mount(mountpoint)
+            if top is None or not (top.source in sources or top.mount_id in ids):
+                break
+            with contextlib.suppress(OSError):
+                kernel.unmount(mountpoint)
+            done.append(mountpoint)
+        os.unlink(path)
+    return done

@@ -1,0 +1,172 @@
+"""Serving one data connection: diod (9P), sftp-server (SFTP), nbdkit (NBD), plain file bytes.
+
+Each ``serve_*`` coroutine is the callback of a ``core.streams.HandoffStreamServer``:
+it gets the one authorized connection (an ``Endpoint``), starts the server program
+on it through the supervisor, sandboxed (``sandbox``), closes its own copy of the
+fd, and waits until the program exits (the peer closed the connection). If it is
+cancelled (the stream's holder was released or dropped) it stops the program.
+One program serves one connection, so nothing is shared between clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import secrets
+import socket
+import stat
+import subprocess
+
+from metac import errors
+from metac.core.streams import Endpoint
+from metac.core.supervisor import Supervisor, require_program
+from metac.fs import sandbox as sb
+from metac.fs.resolve import Directory, Entry
+
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+CHILD_GRACE = 2.0
+RECV_CHUNK = 1 << 20
+
+
+async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.Sandbox, *,
+                            name: str, stdio: bool) -> int:
+    """Run ``box`` on the connection (as stdin/stdout if ``stdio``); wait for it to end."""
+    fd = endpoint.read_fd
+    os.set_blocking(fd, True)  # the program does blocking I/O on it
+    extra = {"stdin": fd, "stdout": fd} if stdio else {}
+    child = await supervisor.spawn(box.argv(sb.bwrap()), name=f"{name}-{secrets.token_hex(4)}",
+                                   pass_fds=[*box.pass_fds, *([] if stdio else [fd])], **extra)
+    endpoint.close()  # the program holds the connection now: its exit closes it
+    try:
+        return await child.wait()
+    finally:
+        await supervisor.stop(child, grace=CHILD_GRACE)
+
+
+async def serve_9p(supervisor: Supervisor, directory: Directory, read_only: bool,
+                   endpoint: Endpoint) -> None:
+    """diod serving ``directory`` (as aname /export) on the connection's fd."""
+    diod = require_program("diod", "diod")
+    fd = endpoint.read_fd
+    argv = [diod, "-f", "-r", str(fd), "-w", str(fd), "-n", "-N", "-L", "stderr",
+            "-e", sb.EXPORT_DIR]
+    if read_only:
+        argv += ["-o", "ro"]
+    own = directory.dup()
+    try:
+        box = sb.Sandbox(argv, sb.program_files(diod), sb.CAPS_DIOD,
+                         binds=[(own.fd, sb.EXPORT_DIR, read_only)], chdir=sb.EXPORT_DIR)
+        await run_on_connection(supervisor, endpoint, box, name="diod", stdio=False)
+    finally:
+        own.close()
+
+
+async def serve_sftp(supervisor: Supervisor, identity_dir: str, directory: Directory,
+                     read_only: bool, endpoint: Endpoint) -> None:
+    """sftp-server (no SSH layer) serving ``directory`` (as /export) on stdin/stdout."""
+    if not os.access(SFTP_SERVER, os.X_OK):
+        raise errors.MissingDependency(SFTP_SERVER, "openssh-sftp-server")
+    argv = [SFTP_SERVER, "-e", "-d", sb.EXPORT_DIR]
+    if read_only:
+        argv.append("-R")
+    own = directory.dup()
+    try:
+        box = sb.Sandbox(argv, sb.program_files(SFTP_SERVER), sb.CAPS_FILE_SERVER,
+                         binds=[(own.fd, sb.EXPORT_DIR, read_only)],
+                         data_files=sb.identity_files(identity_dir), chdir=sb.EXPORT_DIR)
+        await run_on_connection(supervisor, endpoint, box, name="sftp-server", stdio=True)
+    finally:
+        own.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _nbdkit_plugin_dir() -> str:
+    nbdkit = require_program("nbdkit", "nbdkit")
+    proc = subprocess.run([nbdkit, "--dump-config"], capture_output=True, text=True, timeout=30,
+                          check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("plugindir="):
+            return line.partition("=")[2]
+    raise errors.MissingDependency("nbdkit file plugin", "nbdkit")
+
+
+def open_image(entry: Entry) -> int:
+    """An O_PATH fd of the disk image at ``entry`` (a regular file, never a symlink)."""
+    fd = entry.open(os.O_PATH)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise errors.FailedPrecondition(f"{entry.name}: not a regular file (symlinks are not "
+                                        "followed; only disk image files can be exported)")
+    return fd
+
+
+async def serve_nbd(supervisor: Supervisor, entry: Entry, read_only: bool,
+                    endpoint: Endpoint) -> None:
+    """``nbdkit -s file`` serving the image on stdin/stdout; ``-r`` for read-only devices."""
+    nbdkit = require_program("nbdkit", "nbdkit")
+    plugin = os.path.join(_nbdkit_plugin_dir(), "nbdkit-file-plugin.so")
+    fd = open_image(entry)
+    try:
+        argv = [nbdkit, "-s", "-f", *(["-r"] if read_only else []), "file", sb.EXPORT_FILE]
+        box = sb.Sandbox(argv, sb.program_files(nbdkit, plugin), sb.CAPS_NBDKIT,
+                         binds=[(fd, sb.EXPORT_FILE, read_only)])
+        await run_on_connection(supervisor, endpoint, box, name="nbdkit", stdio=True)
+    finally:
+        os.close(fd)
+
+
+def _socket_of(endpoint: Endpoint) -> socket.socket:
+    sock = socket.socket(fileno=os.dup(endpoint.read_fd))
+    endpoint.close()
+    sock.setblocking(False)
+    return sock
+
+
+async def _finish(sock: socket.socket, timeout: float = 30.0) -> None:
+    """Half-close, then wait for the peer to close (so no unread byte turns into a reset)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(timeout):
+            while await loop.sock_recv(sock, 65536):
+                pass
+
+
+async def send_file(entry: Entry, endpoint: Endpoint) -> None:
+    """The file's bytes, then EOF (sendfile: no copy through this process)."""
+    fd = entry.open_regular(os.O_RDONLY)
+    sock = _socket_of(endpoint)
+    try:
+        with open(fd, "rb", closefd=True) as f:
+            await asyncio.get_running_loop().sock_sendfile(sock, f)
+        await _finish(sock)
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
+async def receive_file(entry: Entry, append: bool, endpoint: Endpoint) -> None:
+    """Write what arrives until EOF to the file, fsync, then close (see File.openForWrite)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = entry.open_regular(flags)
+    sock = _socket_of(endpoint)
+    loop = asyncio.get_running_loop()
+    buf = bytearray(RECV_CHUNK)
+    try:
+        while True:
+            n = await loop.sock_recv_into(sock, buf)
+            if not n:
+                break
+            view = memoryview(buf)[:n]
+            while view:
+                view = view[os.write(fd, view):]
+        await loop.run_in_executor(None, os.fsync, fd)
+        await _finish(sock)
+    except (ConnectionError, TimeoutError):
+        pass  # the writer went away: what arrived is written, nothing is acknowledged
+    finally:
+        os.close(fd)
+        sock.close()

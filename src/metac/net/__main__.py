@@ -1,0 +1,3 @@
+from metac.net.service import main
+
+main()

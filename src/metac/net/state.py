@@ -1,0 +1,128 @@
+"""``Net``: what the network service's server objects share (the explicit context).
+
+It holds the kernel access (netlink thread, nft table), the port pool, the
+device table, the keep-list, the live actions (binds and tunnel ends, for
+``listBinds``) and the background tasks, and owns their shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import ipaddress
+import logging
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from metac.net import links
+from metac.net.devices import DeviceTable, KeepList
+from metac.net.firewall import Firewall
+from metac.net.links import Netlink
+from metac.net.ports import PortPool
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT = 3.0
+GC_INTERVAL = 5.0
+
+
+class Action(Protocol):
+    """A bind or a tunnel end, as listed by ``listBinds``."""
+
+    id: str
+
+    def info(self) -> dict[str, Any]: ...
+
+    def holder_cap(self) -> Any | None: ...
+
+    async def aclose(self, *, shutdown: bool = False) -> None: ...
+
+
+class Net:
+    def __init__(self, *, ctx: Any, netlink: Netlink, firewall: Firewall, ports: PortPool,
+                 keep: KeepList, node_ip: str) -> None:
+        self.ctx = ctx  # metac.core.service.ServiceContext (node address, NodePool)
+        self.netlink = netlink
+        self.firewall = firewall
+        self.ports = ports
+        self.keep = keep
+        self.node_ip = str(ipaddress.ip_address(node_ip))
+        self.family = ipaddress.ip_address(node_ip).version
+        self.devices = DeviceTable(self)
+        self.actions: dict[str, Action] = {}
+        self.closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, owned by this object (cancelled by ``aclose``)."""
+        task = asyncio.get_running_loop().create_task(self._logged(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s failed", name)
+
+    def collect_on_loop(self, interval: float = GC_INTERVAL) -> None:
+        """Run Python's cyclic garbage collector only here, on the event loop's thread.
+
+        pycapnp objects must be destroyed on the thread that runs the kj event
+        loop (otherwise: "No event loop is running on this thread", abort). The
+        automatic collector runs in whichever thread happens to allocate when it
+        triggers -- the netlink worker, asyncio's child-watcher threads -- and
+        would finalize capabilities caught in a reference cycle there. So it is
+        switched off for the process and run periodically from the loop instead.
+        """
+        gc.disable()
+        self.spawn(self._collect_every(interval), "collect garbage")
+
+    @staticmethod
+    async def _collect_every(interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            gc.collect()
+
+    def collect_soon(self) -> None:
+        """Collect right after the current step (a released bind's cycles, owned devices)."""
+        async def collect() -> None:
+            await asyncio.sleep(0)
+            gc.collect()
+
+        self.spawn(collect(), "collect garbage now")
+
+    def node_address(self) -> dict[str, Any]:
+        """Our NodeAddress (as a dict for pycapnp parameters)."""
+        addr = self.ctx.node_address()
+        return {"ip": addr.ip, "port": addr.port}
+
+    async def underlay_mtu(self) -> int:
+        mtu = await self.netlink.run(links.mtu_of_address_sync, self.node_ip, what="find MTU")
+        return mtu or 1500
+
+    async def underlay_index(self) -> int | None:
+        return await self.netlink.run(links.index_of_address_sync, self.node_ip,
+                                      what="find node interface")
+
+    async def aclose(self) -> None:
+        """Tear down every bind and tunnel end (persistent ones come back on restart)."""
+        for action in list(self.actions.values()):
+            try:
+                await asyncio.wait_for(action.aclose(shutdown=True), SHUTDOWN_TIMEOUT)
+            except Exception:
+                log.exception("tearing down %s failed", action.id)
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.devices.delete_unkept()
+        with contextlib.suppress(Exception):
+            await self.firewall.reset()
+        await self.netlink.aclose()

@@ -1,0 +1,3 @@
+from metac.stream.service import main
+
+main()

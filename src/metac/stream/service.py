@@ -1,0 +1,105 @@
+"""Stream service: admin bootstrap (export endpoints) and restorers.
+
+``METAC_STREAM_LISTEN_TIMEOUT`` (seconds, default 30) sets how long a
+``tcpListen`` waits for its one connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from metac import errors
+from metac.codec.locators import LocatorError, TcpEndpoint, UnixEndpoint
+from metac.core.rpc import Servant
+from metac.core.service import Description, ServiceContext, ServiceDefinition, run_service
+from metac.core.streams import (
+    LISTEN_TIMEOUT,
+    BindHolder,
+    StreamHost,
+    StreamServer,
+    TcpSource,
+    UnixSource,
+    restore_bind,
+)
+from metac.schema.load import stream
+
+log = logging.getLogger("metac.stream")
+
+
+def tcp_stream(host: StreamHost, ctx: ServiceContext, endpoint: TcpEndpoint) -> StreamServer:
+    return StreamServer(
+        host, TcpSource(endpoint.host, endpoint.port), name=endpoint.format(), ctx=ctx,
+        description=Description("tcp", {"host": endpoint.host, "port": endpoint.port}))
+
+
+def unix_stream(host: StreamHost, ctx: ServiceContext, endpoint: UnixEndpoint) -> StreamServer:
+    return StreamServer(host, UnixSource(endpoint.path), name=endpoint.format(), ctx=ctx,
+                        description=Description("unix", {"path": endpoint.path}))
+
+
+class StreamAdminServer(Servant, stream.StreamServiceAdmin.Server):
+    def __init__(self, host: StreamHost, ctx: ServiceContext) -> None:
+        self._host = host
+        self._ctx = ctx
+
+    async def tcpEndpoint(self, host: str, port: int, _context: Any, **kwargs: Any) -> None:
+        try:
+            endpoint = TcpEndpoint(host, port)
+        except LocatorError as exc:
+            raise errors.InvalidArgument(str(exc)) from None
+        _context.results.stream = tcp_stream(self._host, self._ctx, endpoint)
+
+    async def unixEndpoint(self, path: str, _context: Any, **kwargs: Any) -> None:
+        try:
+            endpoint = UnixEndpoint(path)
+        except LocatorError as exc:
+            raise errors.InvalidArgument(str(exc)) from None
+        _context.results.stream = unix_stream(self._host, self._ctx, endpoint)
+
+
+def _listen_timeout() -> float:
+    text = os.environ.get("METAC_STREAM_LISTEN_TIMEOUT", "")
+    try:
+        value = float(text) if text else LISTEN_TIMEOUT
+    except ValueError:
+        value = LISTEN_TIMEOUT
+    return value if value > 0 else LISTEN_TIMEOUT
+
+
+class StreamService(ServiceDefinition):
+    name = "stream"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.host = StreamHost(ctx.env.node_address, listen_timeout=_listen_timeout())
+        # Restorers need this instance's StreamHost, so they are bound methods.
+        self.restorers = {  # type: ignore[misc]
+            "tcp": self._restore_tcp,
+            "unix": self._restore_unix,
+            BindHolder.CATEGORY: restore_bind,
+        }
+
+    def admin(self) -> Any:
+        return StreamAdminServer(self.host, self.ctx)
+
+    async def _restore_tcp(self, ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
+        try:
+            return tcp_stream(self.host, ctx, TcpEndpoint(str(data["host"]), int(data["port"])))
+        except (KeyError, ValueError, LocatorError):
+            raise errors.InvalidArgument("corrupt tcp stream description") from None
+
+    async def _restore_unix(self, ctx: ServiceContext, data: dict[str, Any],
+                            caps: list[Any]) -> Any:
+        try:
+            return unix_stream(self.host, ctx, UnixEndpoint(str(data["path"])))
+        except (KeyError, ValueError, LocatorError):
+            raise errors.InvalidArgument("corrupt unix stream description") from None
+
+    async def aclose(self) -> None:
+        await self.host.aclose()
+
+
+def main() -> None:
+    run_service(StreamService)

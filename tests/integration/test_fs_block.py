@@ -1,0 +1,147 @@
+"""`metac block export/attach/detach` and `metac file export/cat/put` across two namespaced nodes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from metac.fs.kernel import loop_devices
+from metac.testing.nodes import NodeHost, assert_no_leaks, metac_argv, snapshot
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def pair(nodes_factory, tmp_path: Path):
+    a, b = nodes_factory(2)
+    export = tmp_path / "export"
+    mnt = tmp_path / "mnt"
+    export.mkdir()
+    mnt.mkdir()
+    for node in (a, b):
+        node.track_mount_root(tmp_path)
+    yield a, b, export, mnt
+    # A failed test may leave an attachment: its loop device would outlive the nodes.
+    for dev, backing in loop_devices().items():
+        if backing.startswith(str(b.root)) or backing.startswith(str(a.root)):
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def attachments(node: NodeHost) -> list[dict]:
+    return json.loads(node.metac("block", "ls", "--json").stdout)
+
+
+def our_loops(node: NodeHost) -> set[str]:
+    return {dev for dev, backing in loop_devices().items() if backing.startswith(str(node.root))}
+
+
+def test_block_attach_mkfs_mount_write_read_detach(pair) -> None:
+    a, b, export, mnt = pair
+    image = export / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(128 * MiB)
+    ref = a.metac("block", "export", f"local:{image}").stdout.strip()
+    before = snapshot(a, b)
+
+    device = b.metac("block", "attach", ref).stdout.strip()
+    assert device.startswith("/dev/")
+    assert our_loops(b) == {device} or device.startswith("/dev/nbd")
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, timeout=120)
+    (listed,) = attachments(b)
+    assert listed["device"] == device and listed["state"] == "attached"
+    b.metac("block", "detach", device)
+    assert attachments(b) == []
+
+    out = b.metac("block", "attach", "--mount", str(mnt), ref).stdout.strip()
+    assert out.startswith("/dev/")
+    payload = os.urandom(3 * MiB)
+    (mnt / "data.bin").write_bytes(payload)
+    (mnt / "dir").mkdir()
+    b.metac("block", "detach", str(mnt))
+    assert not (mnt / "data.bin").exists()
+
+    # Attached again (maybe as another device), the data is there.
+    b.metac("block", "attach", "--mount", str(mnt), ref)
+    assert (mnt / "data.bin").read_bytes() == payload
+    assert (mnt / "dir").is_dir()
+    b.metac("block", "detach", str(mnt))
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert_no_leaks(before, snapshot(a, b))
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert not our_loops(b)
+
+
+def test_read_only_block_export_refuses_writes(pair) -> None:
+    a, b, export, mnt = pair
+    image = export / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=120)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    ro_ref = a.metac("block", "export", "--read-only", f"local:{image}").stdout.strip()
+
+    device = b.metac("block", "attach", ro_ref).stdout.strip()
+    assert attachments(b)[0]["read_only"] is True
+    proc = subprocess.run(["dd", "if=/dev/zero", f"of={device}", "bs=4096", "count=1",
+                           "oflag=direct"], capture_output=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    b.metac("block", "detach", device)
+
+    b.metac("block", "attach", "--mount", str(mnt), ro_ref)
+    assert sorted(os.listdir(mnt)) == ["lost+found"]
+    with pytest.raises(OSError):
+        (mnt / "x").write_text("no")
+    b.metac("block", "detach", str(mnt))
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+
+
+def test_block_export_refuses_what_is_not_an_image(pair) -> None:
+    # (Symlinks are refused too, see tests/rpc/test_fs_exports.py; the CLI resolves the
+    # symlinks of a local: path you type before asking the node.)
+    a, _, export, _ = pair
+    (export / "dir").mkdir()
+    os.mkfifo(export / "fifo")
+    for name in ("dir", "fifo", "missing"):
+        proc = a.metac("block", "export", f"local:{export}/{name}", check=False)
+        assert proc.returncode in (3, 6), proc.stderr
+        assert proc.stderr.startswith("metac: ") and len(proc.stderr.splitlines()) == 1
+
+
+def test_file_export_cat_put(pair) -> None:
+    a, b, export, _ = pair
+    data = os.urandom(5 * MiB + 123)
+    (export / "f.bin").write_bytes(data)
+    ref = a.metac("file", "export", f"local:{export}/f.bin").stdout.strip()
+    out = b.host.run([*metac_argv(), "file", "cat", ref], env=b.cli_env(), timeout=60,
+                     text=False, check=False)
+    assert out.returncode == 0 and out.stdout == data
+
+    new_ref = a.metac("file", "export", f"local:{export}/new.txt").stdout.strip()
+    b.metac("file", "put", new_ref, input="line 1\n")
+    b.metac("file", "put", "--append", new_ref, input="line 2\n")
+    assert (export / "new.txt").read_text() == "line 1\nline 2\n"
+    assert os.stat(export / "new.txt").st_mode & 0o777 == 0o644
+    assert b.metac("file", "cat", new_ref).stdout == "line 1\nline 2\n"
+
+    ro_ref = a.metac("file", "export", "--read-only", f"local:{export}/new.txt").stdout.strip()
+    refused = b.metac("file", "put", ro_ref, input="x", check=False)
+    assert refused.returncode == 5 and "read-only" in refused.stderr
+    missing = a.metac("file", "export", f"local:{export}/missing").stdout.strip()
+    gone = b.metac("file", "cat", missing, check=False)
+    assert gone.returncode == 3
+    assert (export / "new.txt").read_text() == "line 1\nline 2\n"
+

@@ -1,0 +1,250 @@
+"""`metac fs export/mount/umount/ls` across two namespaced nodes (issue 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
+
+MiB = 1 << 20
+
+
+def eventually(cond: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
+def pattern_chunks(seed: bytes, size: int, chunk: int = 4 * MiB):
+    """Deterministic, position-dependent data (a misplaced chunk changes the hash)."""
+    block = hashlib.shake_256(seed).digest(chunk)
+    for i in range(0, size, chunk):
+        yield i.to_bytes(8, "little") + block[8:min(chunk, size - i)]
+
+
+def write_file(path: Path, seed: bytes, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for data in pattern_chunks(seed, size):
+            f.write(data)
+            h.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(4 * MiB):
+            h.update(data)
+    return h.hexdigest()
+
+
+def stat_fails_within(path: Path, timeout: float) -> bool:
+    """True if `stat path` (in a child: it must not hang us) fails in time."""
+    try:
+        proc = subprocess.run(["stat", str(path)], capture_output=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode != 0
+
+
+def mounts(node: NodeHost) -> list[dict]:
+    return json.loads(node.metac("fs", "ls", "--json").stdout)
+
+
+@pytest.fixture
+def pair(nodes_factory, tmp_path: Path):
+    a, b = nodes_factory(2)
+    export = tmp_path / "export"
+    mnt = tmp_path / "mnt"
+    export.mkdir()
+    mnt.mkdir()
+    for node in (a, b):
+        node.track_mount_root(tmp_path)
+    yield a, b, export, mnt
+    for big in export.glob("big*"):
+        big.unlink()
+
+
+def test_mount_file_operations_and_clean_umount(pair) -> None:
+    a, b, export, mnt = pair
+    (export / "hello.txt").write_text("hello\n")
+    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    assert ref.startswith(f"ref://{a.address}/fs/")
+    before = snapshot(a, b)
+
+    out = b.metac("fs", "mount", ref, str(mnt)).stdout
+    assert f"mounted at {mnt}" in out
+    (listed,) = mounts(b)
+    assert listed["path"] == str(mnt) and listed["state"] == "mounted"
+    assert listed["method"] in ("9p", "sftp") and listed["source"] == a.address
+    assert (mnt / "hello.txt").read_text() == "hello\n"
+
+    # create, write, read
+    (mnt / "dir" / "sub").mkdir(parents=True)
+    (mnt / "dir" / "sub" / "f.txt").write_text("written on B")
+    assert (export / "dir" / "sub" / "f.txt").read_text() == "written on B"
+    (export / "from-a.txt").write_text("written on A")
+    assert (mnt / "from-a.txt").read_text() == "written on A"
+    with open(mnt / "dir" / "sub" / "f.txt", "r+b") as f:
+        f.seek(8)
+        f.write(b"ON")
+    assert (export / "dir" / "sub" / "f.txt").read_text() == "written ON B"
+    # modes and mtimes
+    os.chmod(mnt / "from-a.txt", 0o640)
+    os.utime(mnt / "from-a.txt", (1_600_000_000, 1_500_000_000))
+    st = os.stat(export / "from-a.txt")
+    assert (st.st_mode & 0o7777, int(st.st_mtime)) == (0o640, 1_500_000_000)
+    assert os.stat(mnt / "from-a.txt").st_mode & 0o7777 == 0o640
+    assert int(os.stat(mnt / "from-a.txt").st_mtime) == 1_500_000_000
+    # rename, delete
+    os.rename(mnt / "dir" / "sub" / "f.txt", mnt / "dir" / "g.txt")
+    os.rename(mnt / "dir" / "sub", mnt / "dir" / "sub2")
+    assert sorted(os.listdir(export / "dir")) == ["g.txt", "sub2"]
+    os.unlink(mnt / "dir" / "g.txt")
+    os.rmdir(mnt / "dir" / "sub2")
+    os.rmdir(mnt / "dir")
+    assert sorted(os.listdir(export)) == ["from-a.txt", "hello.txt"]
+
+    # several readers at once
+    data_hash = write_file(export / "big-shared", b"readers", 64 * MiB)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(sha256(mnt / "big-shared")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [data_hash] * 4
+
+    b.metac("fs", "umount", str(mnt))
+    assert mounts(b) == []
+    assert not (mnt / "hello.txt").exists()
+    eventually(lambda: not assert_leaks(before, snapshot(a, b)), 15, "helpers to go away")
+    assert_no_leaks(before, snapshot(a, b))
+    again = b.metac("fs", "umount", str(mnt), check=False)
+    assert again.returncode == 3 and "not a mount" in again.stderr
+
+
+def assert_leaks(before, after) -> bool:
+    try:
+        assert_no_leaks(before, after)
+    except AssertionError:
+        return True
+    return False
+
+
+def test_one_gib_round_trip_byte_exact(pair) -> None:
+    a, b, export, mnt = pair
+    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    b.metac("fs", "mount", ref, str(mnt))
+    size = 1 << 30
+    t0 = time.monotonic()
+    written = write_file(mnt / "big-from-b", b"B to A", size)
+    t1 = time.monotonic()
+    assert sha256(export / "big-from-b") == written
+    made = write_file(export / "big-from-a", b"A to B", size)
+    t2 = time.monotonic()
+    assert sha256(mnt / "big-from-a") == made
+    t3 = time.monotonic()
+    print(f"1 GiB through the mount: write {size / MiB / (t1 - t0):.0f} MiB/s, "
+          f"read {size / MiB / (t3 - t2):.0f} MiB/s")
+    b.metac("fs", "umount", str(mnt))
+
+
+def test_read_only_export_and_read_only_mount(pair) -> None:
+    a, b, export, mnt = pair
+    (export / "f").write_text("x")
+    ro_ref = a.metac("fs", "export", "--read-only", f"local:{export}").stdout.strip()
+    b.metac("fs", "mount", ro_ref, str(mnt))
+    assert (mnt / "f").read_text() == "x"
+    with pytest.raises(OSError):
+        (mnt / "new").write_text("no")
+    with pytest.raises(OSError):
+        (mnt / "f").write_text("no")
+    b.metac("fs", "umount", str(mnt))
+    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    b.metac("fs", "mount", "--read-only", ref, str(mnt))
+    assert mounts(b)[0]["read_only"] is True
+    with pytest.raises(OSError):
+        (mnt / "new").write_text("no")
+    b.metac("fs", "umount", str(mnt))
+    assert sorted(os.listdir(export)) == ["f"]
+
+
+def test_local_bind_mount(pair) -> None:
+    a, _, export, mnt = pair
+    (export / "f").write_text("local")
+    out = a.metac("fs", "mount", "--read-only", f"local:{export}", str(mnt)).stdout
+    assert "(bind" in out
+    assert (mnt / "f").read_text() == "local"
+    with pytest.raises(OSError):
+        (mnt / "g").write_text("no")
+    a.metac("fs", "umount", str(mnt))
+    assert not (mnt / "f").exists()
+
+
+def test_killed_server_fails_fast_and_persistent_mount_comes_back(pair) -> None:
+    a, b, export, mnt = pair
+    (export / "f").write_text("before")
+    ref = a.metac("fs", "export", "--persistent", f"local:{export}").stdout.strip()
+    out = b.metac("fs", "mount", "--persistent", ref, str(mnt)).stdout
+    assert "persistent" in out
+    assert mounts(b)[0]["persistent"] is True
+    assert (mnt / "f").read_text() == "before"
+
+    a.kill9()
+    # Every operation returns (none hangs), and within a bounded time they fail.
+    eventually(lambda: stat_fails_within(mnt / "f", 30), 30, "operations on the mount to fail")
+    eventually(lambda: mounts(b)[0]["state"] == "disconnected", 30, "state disconnected")
+    with pytest.raises(OSError):
+        (mnt / "written-while-down").write_text("must not land under the mount point")
+
+    (export / "f").write_text("after")
+    a.start()
+    eventually(lambda: not stat_fails_within(mnt / "f", 10), 60, "the mount to come back")
+    assert (mnt / "f").read_text() == "after"
+    assert mounts(b)[0]["state"] == "mounted"
+
+    # A restart of B re-establishes it too.
+    b.stop()
+    assert not (mnt / "f").exists()
+    b.start()
+    eventually(lambda: (mnt / "f").exists(), 60, "the mount after B restarted")
+    assert (mnt / "f").read_text() == "after"
+
+    b.metac("fs", "umount", str(mnt))
+    b.stop()
+    b.start()
+    time.sleep(2)
+    assert mounts(b) == [] and not (mnt / "f").exists(), "an unmounted mount came back"
+
+
+def test_non_persistent_mount_does_not_survive_restart(pair) -> None:
+    a, b, export, mnt = pair
+    (export / "f").write_text("x")
+    ref = a.metac("fs", "export", "--persistent", f"local:{export}").stdout.strip()
+    b.metac("fs", "mount", ref, str(mnt))
+    b.stop()
+    b.start()
+    assert mounts(b) == []
+    assert not (mnt / "f").exists()

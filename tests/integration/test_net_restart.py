@@ -1,0 +1,160 @@
+"""`metac net` across restarts: persistent binds and exports come back, stale links are swept."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from test_net_bind import (
+    assert_clean_logs,
+    container,
+    net_ls,
+    nft,
+    ping_ok,
+    pings,
+    vxlans,
+    wait_until,
+)
+
+from metac.testing.nodes import NodeHost
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
+
+
+def service(node: NodeHost, name: str) -> dict:
+    status = json.loads(node.metac("node", "status", "--json").stdout)
+    (svc,) = [s for s in status["services"] if s["name"] == name]
+    return svc
+
+
+def addresses(node: NodeHost, dev: str) -> list[str]:
+    out = json.loads(node.host.run(["ip", "-j", "addr", "show", "dev", dev]).stdout)
+    return [a["local"] for a in out[0]["addr_info"] if a["family"] == "inet"]
+
+
+def test_persistent_bind_survives_restarts_of_both_nodes(nodes_factory) -> None:
+    a, b = nodes_factory(2)
+    ca = container(a, "ca", dev="port0", addr="192.168.81.1")
+    before = {a.name: a.links(), b.name: b.links()}
+    ref = a.metac("net", "export", "local:port0").stdout.strip()
+    proc = b.metac("net", "bind", "--persistent", ref, "newlocal:remote0")
+    bind_ref = proc.stdout.strip()
+    assert bind_ref.startswith(f"ref://{b.address}/net/") and "persistent" in proc.stderr
+    b.host.run(["ip", "addr", "add", "192.168.81.2/24", "dev", "remote0"])
+    ping_ok(ca, "192.168.81.2")  # the CLI is gone; the node keeps the bind
+    (row,) = net_ls(b)["binds"]
+    assert row["persistent"] is True and row["state"] == "up"
+
+    # B restarts: the bind comes back, on the same remote0 (its address kept).
+    b.stop()
+    b.start()
+    ping_ok(ca, "192.168.81.2", timeout=30)
+    assert addresses(b, "remote0") == ["192.168.81.2"]
+    assert len(vxlans(a)) == 1 and len(vxlans(b)) == 1  # old ends were removed
+
+    # A restarts: B notices its peer went away and re-establishes the tunnel.
+    a.stop()
+    a.start()
+    ping_ok(ca, "192.168.81.2", timeout=60)
+    assert len(vxlans(a)) == 1 and len(vxlans(b)) == 1
+    wait_until(lambda: net_ls(b)["binds"][0]["state"] == "up", what="bind up again")
+
+    # Unbinding by its ref releases it on both nodes and revokes the ref.
+    out = b.metac("net", "unbind", bind_ref).stdout
+    assert "released the bind" in out and "revoked its ref" in out
+    wait_until(lambda: a.links() == before[a.name] and b.links() == before[b.name],
+               what="links back to what they were")
+    assert_clean_logs(a, b)
+    assert "metac_net" not in nft(a) and "metac_net" not in nft(b)
+    b.stop()
+    b.start()
+    time.sleep(1)
+    assert b.links() == before[b.name] and net_ls(b)["binds"] == []
+    assert_clean_logs(a, b)
+
+
+def test_unbind_by_name_keeps_a_persistent_bind_from_coming_back(nodes_factory) -> None:
+    (a,) = nodes_factory(1)
+    container(a, "c1", dev="p1", addr="192.168.82.1")
+    c2 = container(a, "c2", dev="p2", addr="192.168.82.2")
+    before = a.links()
+    a.metac("net", "bind", "--persistent", "local:p1", "local:p2")
+    ping_ok(c2, "192.168.82.1")
+    a.stop()
+    a.start()
+    ping_ok(c2, "192.168.82.1", timeout=30)
+    proc = a.metac("net", "unbind", "1")
+    assert proc.stdout.startswith("released bind p1 <-> p2") and "metac ref rm" in proc.stderr
+    assert a.links() == before
+    a.stop()
+    a.start()
+    time.sleep(1)
+    assert a.links() == before and not pings(c2, "192.168.82.1")
+
+
+def test_killed_service_leaves_nothing_after_its_restart(nodes_factory) -> None:
+    a, b = nodes_factory(2)
+    container(a, "ca", dev="port0", addr="192.168.83.1")
+    before = {a.name: a.links(), b.name: b.links()}
+    ref = a.metac("net", "export", "local:port0").stdout.strip()
+    bind = b.popen("net", "bind", ref, "newlocal:remote0")
+    assert bind.stdout is not None and bind.stdout.readline().startswith("bound ")
+    # A leftover of some earlier crash, and a link that is not ours.
+    b.host.run(["ip", "link", "add", "mcbdeadbeef0001", "type", "bridge"])
+    b.host.run(["ip", "link", "set", "mcbdeadbeef0001", "alias",
+                "managed by metac net/deadbeef0001/bridge"])
+    b.host.run(["ip", "link", "add", "keepme0", "type", "veth", "peer", "name", "keepme1"])
+
+    svc = service(b, "net")
+    b.host.run(["kill", "-KILL", str(svc["pid"])])
+    # The foreground bind learns that its holder is gone.
+    _, err = bind.communicate(timeout=30)
+    assert bind.returncode == 7 and err.startswith("metac: Unavailable:"), err
+    wait_until(lambda: service(b, "net")["state"] == "registered"
+               and service(b, "net")["restarts"] >= 1, what="net service back")
+    wait_until(lambda: b.links() == before[b.name] | {"keepme0", "keepme1"}, what="B swept")
+    wait_until(lambda: a.links() == before[a.name], what="A's tunnel end dropped")
+    assert "metac_net" not in nft(b) and "metac_net" not in nft(a)
+
+
+def test_exported_new_interfaces_persist_only_when_asked(nodes_factory) -> None:
+    (a,) = nodes_factory(1)
+    before = a.links()
+    kept = a.metac("net", "export", "--persistent", "newlocal:ex0").stdout.strip()
+    a.metac("net", "export", "newlocal:tmp0")
+    assert {"ex0", "tmp0"} <= a.links()
+    a.host.run(["ip", "addr", "add", "192.168.84.1/24", "dev", "ex0"])
+    a.stop()
+    a.start()
+    wait_until(lambda: "tmp0" not in a.links(), what="the non-persistent export swept")
+    assert "ex0" in a.links() and addresses(a, "ex0") == ["192.168.84.1"]
+    a.metac("ref", "rm", kept)
+    wait_until(lambda: a.links() == before, what="ex0 removed with its ref")
+
+
+def test_foreground_bind_follows_its_peer(nodes_factory) -> None:
+    a, b = nodes_factory(2)
+    ca = container(a, "ca", dev="port0", addr="192.168.85.1")
+    before = {a.name: a.links(), b.name: b.links()}
+    ref = a.metac("net", "export", "local:port0").stdout.strip()
+    bind = b.popen("net", "bind", ref, "newlocal:remote0")
+    assert bind.stdout is not None and bind.stdout.readline().startswith("bound ")
+    b.host.run(["ip", "addr", "add", "192.168.85.2/24", "dev", "remote0"])
+    ping_ok(ca, "192.168.85.2")
+
+    # A's net service dies: B re-establishes the tunnel (A's refs are still valid).
+    a.host.run(["kill", "-KILL", str(service(a, "net")["pid"])])
+    wait_until(lambda: service(a, "net")["restarts"] >= 1, what="A's net service restarted")
+    ping_ok(ca, "192.168.85.2", timeout=60)
+    assert len(vxlans(a)) == 1 and len(vxlans(b)) == 1
+    assert bind.poll() is None
+
+    # A's node restarts: its non-persistent refs are gone, so the bind ends.
+    a.stop()
+    a.start()
+    out, err = bind.communicate(timeout=60)
+    assert bind.returncode == 0 and "the bind was released" in out, err
+    wait_until(lambda: a.links() == before[a.name] and b.links() == before[b.name],
+               what="links back to what they were")
+    assert_clean_logs(a, b)

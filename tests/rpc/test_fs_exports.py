@@ -1,0 +1,193 @@
+"""The fs service's exported objects in one process (no node; no root needed).
+
+Filesystem/File/BlockDevice server classes are called over capnp in-process
+clients: the attack suite on getSubtree/getFile (``..``, absolute names, NUL,
+symlinks to outside files and directories, one swapped in during the walks),
+read-only views, info, and file bytes through openAsStream/openForWrite opened
+with ``open_stream`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import capnp
+import pytest
+
+from metac import errors
+from metac.core.paths import ServiceEnv
+from metac.core.rpc import rpc_errors
+from metac.core.service import ServiceContext
+from metac.core.streams import open_stream
+from metac.core.supervisor import Supervisor
+from metac.fs.exports import FilesystemServer
+from metac.fs.resolve import Directory
+from metac.fs.state import FsState
+from metac.schema.load import fs
+
+LOCAL = "127.0.0.1"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(capnp.run(coro))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("SECRET")
+    export = tmp_path / "export"
+    (export / "a" / "b").mkdir(parents=True)
+    (export / "a" / "b" / "file").write_text("inside")
+    (export / "link-out").symlink_to("../outside")
+    (export / "abs-out").symlink_to(str(outside))
+    (export / "file-link").symlink_to("../outside/secret")
+    (export / "abs-file-link").symlink_to(str(outside / "secret"))
+    return export
+
+
+def make_fs(tmp_path: Path, export: Path, read_only: bool = False) -> Any:
+    env = ServiceEnv(name="fs", runtime_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "st"),
+                     node_address=LOCAL, node_port=901, node_instance="test")
+    ctx = ServiceContext(env, None, None, Supervisor(env.state_dir, "fs"))
+    state = FsState(ctx)
+    server = FilesystemServer(state, Directory.open_absolute(str(export)), read_only)
+    return fs.Filesystem._new_client(server), state
+
+
+async def category(coro: Any) -> str:
+    try:
+        async with rpc_errors():
+            await coro
+    except errors.MetacError as exc:
+        return exc.category
+    return "ok"
+
+
+async def read_stream(stream: Any) -> bytes:
+    loop = asyncio.get_running_loop()
+    async with await open_stream(stream, local_address=LOCAL) as opened:
+        chunks = []
+        while data := await loop.sock_recv(opened.sock, 65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+BAD_NAMES = ["..", "a/..", "a/../..", "/etc", "/", "a\0b", "a/b/../../../outside"]
+OUTSIDE_DIRS = ["link-out", "abs-out", "link-out/", "a/../link-out"]
+OUTSIDE_FILES = ["file-link", "abs-file-link", "link-out/secret", "abs-out/secret"]
+
+
+def test_names_that_leave_the_directory_are_refused(tmp_path: Path, tree: Path) -> None:
+    async def main() -> None:
+        cap, _ = make_fs(tmp_path, tree)
+        for name in BAD_NAMES:
+            assert await category(cap.getSubtree(name)) == "InvalidArgument", name
+            assert await category(cap.getFile(name)) == "InvalidArgument", name
+        for name in OUTSIDE_DIRS[:2]:
+            assert await category(cap.getSubtree(name)) == "PermissionDenied", name
+        for name in OUTSIDE_FILES:
+            got = await category(cap.getFile(name).file.openAsStream())
+            assert got in ("PermissionDenied", "InvalidArgument"), (name, got)
+            got = await category(cap.getFile(name).file.openAsBlock())
+            assert got in ("PermissionDenied", "FailedPrecondition", "InvalidArgument"), name
+            got = await category(cap.getFile(name).file.openForWrite(False))
+            assert got in ("PermissionDenied", "InvalidArgument"), name
+        assert await category(cap.getSubtree("missing")) == "NotFound"
+        assert await category(cap.getFile("missing/file")) == "NotFound"
+
+    run(main())
+    assert (tree.parent / "outside" / "secret").read_text() == "SECRET"
+
+
+def test_file_bytes_through_streams_and_info(tmp_path: Path, tree: Path) -> None:
+    async def main() -> None:
+        cap, _ = make_fs(tmp_path, tree)
+        sub = cap.getSubtree("a").fs
+        info = (await sub.info()).info
+        assert (info.name, info.readOnly) == ("a", False)
+        f = sub.getFile("b/file").file
+        assert await read_stream((await f.openAsStream()).stream) == b"inside"
+        st = (await f.info()).info
+        real = os.stat(tree / "a" / "b" / "file")
+        assert (st.exists, st.size, st.mode) == (True, 6, real.st_mode & 0o7777)
+        assert int(st.mtime) == int(real.st_mtime)
+
+        new = cap.getFile("a/new.bin").file
+        assert not (await new.info()).info.exists
+        payload = os.urandom(3 << 20)
+        loop = asyncio.get_running_loop()
+        async with await open_stream((await new.openForWrite(False)).stream,
+                                     local_address=LOCAL) as opened:
+            await loop.sock_sendall(opened.sock, payload)
+            opened.sock.shutdown(socket.SHUT_WR)
+            assert await loop.sock_recv(opened.sock, 10) == b""  # closed after fsync
+        assert (tree / "a" / "new.bin").read_bytes() == payload
+        assert (await new.info()).info.size == len(payload)
+
+    run(main())
+
+
+def test_read_only_views_stay_read_only(tmp_path: Path, tree: Path) -> None:
+    async def main() -> None:
+        cap, _ = make_fs(tmp_path, tree)
+        ro = cap.readOnly().fs
+        assert (await ro.info()).info.readOnly
+        f = ro.getSubtree("a").fs.getFile("b/file").file
+        assert (await f.info()).info.readOnly
+        assert await category(f.openForWrite(True)) == "PermissionDenied"
+        assert await read_stream((await f.openAsStream()).stream) == b"inside"
+        dev = cap.getFile("a/b/file").file.readOnly().file.openAsBlock().device
+        info = (await dev.info()).info
+        assert (info.size, info.readOnly) == (6, True)
+
+    run(main())
+
+
+def test_symlink_swapped_in_during_rpc_walks(tmp_path: Path, tree: Path) -> None:
+    outside = tree.parent / "outside"
+    (outside / "b").mkdir()
+    (outside / "b" / "file").write_text("SECRET")
+    stop = threading.Event()
+
+    def flipper() -> None:
+        while not stop.is_set():
+            os.rename(tree / "a", tree / "a-parked")
+            os.symlink(str(outside), tree / "a")
+            os.unlink(tree / "a")
+            os.rename(tree / "a-parked", tree / "a")
+            time.sleep(0.0005)  # leave windows in which the walk can succeed too
+
+    async def main() -> dict[str, int]:
+        cap, _ = make_fs(tmp_path, tree)
+        seen = {"inside": 0, "refused": 0}
+        for i in range(300):
+            try:
+                async with rpc_errors():
+                    if i % 2:
+                        f = cap.getSubtree("a/b").fs.getFile("file").file
+                    else:
+                        f = cap.getFile("a/b/file").file
+                    stream = (await f.openAsStream()).stream
+            except (errors.PermissionDenied, errors.NotFound):
+                seen["refused"] += 1
+                continue
+            assert await read_stream(stream) == b"inside"
+            seen["inside"] += 1
+        return seen
+
+    thread = threading.Thread(target=flipper)
+    thread.start()
+    try:
+        seen = run(main())
+    finally:
+        stop.set()
+        thread.join()
+    assert seen["inside"], seen

@@ -1,0 +1,142 @@
+"""metac.fs.resolve: confined walks below a directory fd (no root needed)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from metac import errors
+from metac.fs.resolve import Directory, Entry, join, parse_name
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """export/ (a/b/file, link-out -> ../outside, file-link -> ../outside/secret) and outside/."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("SECRET")
+    export = tmp_path / "export"
+    (export / "a" / "b").mkdir(parents=True)
+    (export / "a" / "b" / "file").write_text("inside")
+    (export / "link-out").symlink_to("../outside")
+    (export / "abs-out").symlink_to(str(outside))
+    (export / "file-link").symlink_to("../outside/secret")
+    (export / "a" / "up").symlink_to("..")
+    return export
+
+
+def open_dir(path: Path) -> Directory:
+    return Directory.open_absolute(str(path))
+
+
+@pytest.mark.parametrize("name", ["..", "a/..", "a/../..", "/etc", "/", "a\0b", "a/b/../../.."])
+def test_bad_names_are_rejected(tree: Path, name: str) -> None:
+    d = open_dir(tree)
+    with pytest.raises(errors.InvalidArgument):
+        d.subdir(parse_name(name))
+    with pytest.raises(errors.InvalidArgument):
+        Entry.resolve(d, name)
+
+
+def test_walks_down_and_keeps_the_path(tree: Path) -> None:
+    d = open_dir(tree)
+    sub = d.subdir(parse_name("a//./b/"))
+    assert sub.path == str(tree / "a" / "b")
+    entry = Entry.resolve(d, "a/b/file")
+    fd = entry.open_regular(os.O_RDONLY)
+    try:
+        assert os.read(fd, 100) == b"inside"
+    finally:
+        os.close(fd)
+    assert entry.path == str(tree / "a" / "b" / "file")
+    assert join("/", ("x", "y")) == "/x/y"
+
+
+@pytest.mark.parametrize("name", ["link-out", "abs-out", "link-out/secret", "a/up",
+                                  "a/up/link-out"])
+def test_symlinked_directories_are_not_followed(tree: Path, name: str) -> None:
+    d = open_dir(tree)
+    with pytest.raises(errors.PermissionDenied):
+        d.subdir(parse_name(name))
+
+
+@pytest.mark.parametrize("name", ["file-link", "link-out/secret", "abs-out/secret"])
+def test_symlinked_files_are_not_opened(tree: Path, name: str) -> None:
+    d = open_dir(tree)
+    with pytest.raises((errors.PermissionDenied, errors.FailedPrecondition)):
+        entry = Entry.resolve(d, name)
+        os.close(entry.open_regular(os.O_RDONLY))
+
+
+def test_a_file_need_not_exist_but_its_directory_must(tree: Path) -> None:
+    d = open_dir(tree)
+    entry = Entry.resolve(d, "a/new-file")
+    assert entry.lstat() is None
+    with pytest.raises(errors.NotFound):
+        entry.open_regular(os.O_RDONLY)
+    with pytest.raises(errors.NotFound):
+        Entry.resolve(d, "missing/file")
+
+
+def test_creating_through_a_symlink_is_refused(tree: Path) -> None:
+    d = open_dir(tree)
+    entry = Entry.resolve(d, "file-link")
+    with pytest.raises(errors.PermissionDenied):
+        entry.open_regular(os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    assert (tree.parent / "outside" / "secret").read_text() == "SECRET"
+
+
+def test_a_fifo_is_not_a_regular_file(tree: Path) -> None:
+    os.mkfifo(tree / "fifo")
+    entry = Entry.resolve(open_dir(tree), "fifo")
+    with pytest.raises(errors.FailedPrecondition):
+        entry.open_regular(os.O_RDONLY)
+
+
+def test_a_symlinked_path_to_the_export_itself_is_refused(tree: Path) -> None:
+    alias = tree.parent / "alias"
+    alias.symlink_to(tree)
+    with pytest.raises(errors.PermissionDenied):
+        open_dir(alias)
+
+
+def test_symlink_swapped_in_during_walks_never_leads_out(tree: Path) -> None:
+    """A component flips between a directory and a symlink to outside while we walk."""
+    outside = tree.parent / "outside"
+    (outside / "b").mkdir()
+    (outside / "b" / "file").write_text("SECRET")
+    flip = tree / "a"
+    parked = tree / "a-parked"
+    stop = threading.Event()
+
+    def flipper() -> None:
+        while not stop.is_set():
+            os.rename(flip, parked)
+            os.symlink(str(outside), flip)
+            os.unlink(flip)
+            os.rename(parked, flip)
+
+    d = open_dir(tree)
+    thread = threading.Thread(target=flipper)
+    thread.start()
+    seen = {"inside": 0, "refused": 0}
+    try:
+        for _ in range(3000):
+            try:
+                fd = Entry.resolve(d, "a/b/file").open_regular(os.O_RDONLY)
+            except (errors.PermissionDenied, errors.NotFound):
+                seen["refused"] += 1
+                continue
+            try:
+                data = os.read(fd, 100)
+            finally:
+                os.close(fd)
+            assert data == b"inside", "read a file outside the export"
+            seen["inside"] += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert seen["inside"] and seen["refused"], seen
