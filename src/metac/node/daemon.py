@@ -23,6 +23,8 @@ from metac.node.servers import NodeAdminServer, NodeServer
 log = logging.getLogger("metac.node")
 
 #: The services every node runs: name -> module run as ``python -m module``.
+#: Services stop in the reverse of this order, so users of a service (compute
+#: uses fs and net; everything uses persistence) stop before what they use.
 BUILTIN_SERVICES: dict[str, str] = {
     "persistence": "metac.persistence",
     "net": "metac.net",
@@ -74,6 +76,15 @@ class ServiceRunner:
         self.child: Child | None = None
         self.restarts = 0
         self.state = "starting"
+        self.stopping = False
+
+    async def stop(self) -> None:
+        """Stop the service for good (no restart); returns once it has exited."""
+        self.stopping = True
+        self.state = "stopped"
+        child = self.child
+        if child is not None and child.returncode is None:
+            await self.supervisor.stop(child)
 
     def status(self) -> dict[str, Any]:
         running = self.child is not None and self.child.returncode is None
@@ -104,6 +115,8 @@ class ServiceRunner:
                 else:
                     self.supervisor.forget(self.child)
                 self.registry.unregister_name(self.name)
+            if self.stopping:
+                return
             if loop.time() - started > HEALTHY_AFTER:
                 backoff = BACKOFF_FIRST
             self.state = "restarting"
@@ -158,10 +171,14 @@ async def run_node(config: NodeConfig) -> int:
             log.info("metac node ready on %s (admin socket %s; services: %s)",
                      shown, socket_path, ", ".join(config.services))
             sd_notify("READY=1")
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                sd_notify("STOPPING=1")
+                log.info("stopping services")
+                for runner in reversed(runners):
+                    await asyncio.shield(runner.stop())
     finally:
-        sd_notify("STOPPING=1")
-        log.info("stopping services")
         await supervisor.aclose()
         await tcp_server.aclose()
         unix_server.close()
