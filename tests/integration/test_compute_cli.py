@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import select
 import struct
 import termios
@@ -33,6 +34,22 @@ def service_log(node: NodeHost, name: str = "compute") -> str:
     return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
 
+def env_ids(*nodes: NodeHost) -> set[str]:
+    """Ids of every environment the nodes' compute services started (from their logs)."""
+    ids: set[str] = set()
+    for node in nodes:
+        path = node.state_dir / "logs" / "node.service-compute.log"
+        if path.exists():
+            ids |= set(re.findall(r"environment ([0-9a-f]{12}) started", path.read_text()))
+    return ids
+
+
+def node_cgroups(*nodes: NodeHost) -> set[str]:
+    """Cgroups of the nodes' containers (cgroups are machine-wide; other runs have theirs)."""
+    ids = env_ids(*nodes)
+    return {c for c in container_cgroups() if c.rsplit("/metac-", 1)[-1] in ids}
+
+
 def container_cgroups() -> set[str]:
     """Cgroup directories of metac containers, anywhere in the (v1 or v2) hierarchies."""
     found = set()
@@ -45,14 +62,9 @@ def container_cgroups() -> set[str]:
     return found
 
 
-_CGROUPS_BEFORE: dict[int, set[str]] = {}
-
-
 def snapshot(*nodes: NodeHost):
-    """The harness snapshot, plus the container cgroups of this moment (see wait_clean)."""
-    snap = _snapshot(*nodes)
-    _CGROUPS_BEFORE[id(snap)] = container_cgroups()
-    return snap
+    """The harness snapshot of the nodes (links, mounts, processes)."""
+    return _snapshot(*nodes)
 
 
 def compute_leftovers(node: NodeHost) -> list[str]:
@@ -65,19 +77,14 @@ def compute_leftovers(node: NodeHost) -> list[str]:
 
 
 def wait_clean(nodes: list[NodeHost], before, timeout: float = 15.0) -> None:
-    """Wait until nothing the test made is left (teardown may finish just after the CLI).
-
-    ``before`` is a snapshot of the nodes; it also records the container cgroups that
-    existed then (cgroups are machine-wide: another run may have its own).
-    """
+    """Wait until nothing the test made is left (teardown may finish just after the CLI)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             assert_no_leaks(before, snapshot(*nodes))
             for node in nodes:
                 assert compute_leftovers(node) == [], compute_leftovers(node)
-            new_cgroups = container_cgroups() - _CGROUPS_BEFORE.get(id(before), set())
-            assert new_cgroups == set(), new_cgroups
+            assert node_cgroups(*nodes) == set(), node_cgroups(*nodes)
             return
         except AssertionError:
             if time.monotonic() > deadline:
@@ -276,7 +283,6 @@ def _wait_for(cond, timeout: float = 30.0, what: Any = "condition") -> None:
 
 def test_persistent_background_process_comes_back_after_restart(nodes_factory, tmp_path) -> None:
     (a,) = nodes_factory(1)
-    cgroups_before = container_cgroups()
     root = tmp_path / "rootfs"
     rootfs.build_busybox(str(root))
     data = tmp_path / "data"
@@ -292,7 +298,7 @@ def test_persistent_background_process_comes_back_after_restart(nodes_factory, t
     # The containers are gone with the service (mounts the fs service still held when
     # it stopped are released by the next start).
     assert [e for e in compute_leftovers(a) if e.startswith("oci/")] == [], service_log(a)
-    assert container_cgroups() == cgroups_before, service_log(a)
+    assert node_cgroups(a) == set(), service_log(a)
     a.start()
     _wait_for(lambda: len(_ps(a)) == 1, what=lambda: "re-created process\n"
               + service_log(a) + service_log(a, "persistence"))
@@ -308,7 +314,7 @@ def test_persistent_background_process_comes_back_after_restart(nodes_factory, t
     assert _ps(a) == []
     a.metac("ref", "rm", ref)
     _wait_for(lambda: compute_leftovers(a) == [], what=lambda: str(compute_leftovers(a)))
-    assert container_cgroups() == cgroups_before
+    assert node_cgroups(a) == set()
 
 
 def test_interrupt_is_forwarded_once_then_detaches(nodes_factory, busybox_root) -> None:

@@ -292,6 +292,7 @@ class Environment:
             await self._teardown()
             raise
         self.state = "running"
+        log.info("environment %s started (container %s)", self.id, self.container_id)
 
     async def _setup(self, root: FsSource, mounts: Sequence[MountSpec],
                      networks: Sequence[NetworkSpec], net: NetAttacher) -> None:
