@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
 import socket
 import sys
+import warnings
 from collections.abc import Awaitable, Callable
 
 import capnp
@@ -42,14 +44,46 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
+GC_INTERVAL = 5.0
+
+
+async def _collect_garbage_on_loop() -> None:
+    # pycapnp objects must be destroyed on the thread that runs the kj loop.
+    # The cyclic collector can fire in any thread (executor workers, netlink
+    # threads) and would destroy them there, aborting the process; so
+    # automatic collection is off and it runs here instead.
+    while True:
+        await asyncio.sleep(GC_INTERVAL)
+        gc.collect()
+
+
+def _use_pidfd_child_watcher() -> None:
+    # Python 3.11's default child watcher starts a thread per child process;
+    # a pidfd watcher waits on the event loop instead.
+    watcher_cls = getattr(asyncio, "PidfdChildWatcher", None)
+    if watcher_cls is None or sys.version_info >= (3, 12):
+        return  # 3.12+ waits with pidfds by default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            watcher = watcher_cls()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.set_child_watcher(watcher)
+        except (OSError, RuntimeError, NotImplementedError) as exc:
+            log.debug("pidfd child watcher unavailable: %s", exc)
+
+
 def run_daemon(name: str, body: Callable[[], Awaitable[int | None]]) -> int:
     """Run ``body`` inside the kj loop until it returns or SIGTERM/SIGINT cancels it."""
     setup_logging(name)
+    gc.disable()
 
     async def main() -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        _use_pidfd_child_watcher()
+        collector = loop.create_task(_collect_garbage_on_loop(), name="gc")
         stopping = False
 
         def on_signal(signum: int) -> None:
@@ -71,6 +105,7 @@ def run_daemon(name: str, body: Callable[[], Awaitable[int | None]]) -> int:
             log.error("%s", exc.wire())
             code = exc.exit_code
         finally:
+            collector.cancel()
             await drain_background()
         return int(code or 0)
 

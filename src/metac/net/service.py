@@ -262,7 +262,6 @@ class NetService(ServiceDefinition):
         net = Net(ctx=self.ctx, netlink=Netlink(), firewall=Firewall(find_nft()),
                   ports=PortPool(low, high), keep=keep, node_ip=env.node_address)
         self.net = net
-        net.collect_on_loop()
         try:
             removed = await net.netlink.run(links.sweep_sync, keep.devices, what="sweep links")
             if removed:

@@ -24,7 +24,6 @@ from metac.net.ports import PortPool
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 3.0
-GC_INTERVAL = 5.0
 
 
 class Action(Protocol):
@@ -69,25 +68,6 @@ class Net:
             raise
         except Exception:
             log.exception("background task %s failed", name)
-
-    def collect_on_loop(self, interval: float = GC_INTERVAL) -> None:
-        """Run Python's cyclic garbage collector only here, on the event loop's thread.
-
-        pycapnp objects must be destroyed on the thread that runs the kj event
-        loop (otherwise: "No event loop is running on this thread", abort). The
-        automatic collector runs in whichever thread happens to allocate when it
-        triggers -- the netlink worker, asyncio's child-watcher threads -- and
-        would finalize capabilities caught in a reference cycle there. So it is
-        switched off for the process and run periodically from the loop instead.
-        """
-        gc.disable()
-        self.spawn(self._collect_every(interval), "collect garbage")
-
-    @staticmethod
-    async def _collect_every(interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            gc.collect()
 
     def collect_soon(self) -> None:
         """Collect right after the current step (a released bind's cycles, owned devices)."""

@@ -33,6 +33,7 @@ SECRET_BYTES = 24  # 192 random bits per ref
 RESTORER_WAIT = 30.0  # how long a restore waits for a (re)starting service
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
+ACTIVE_RETRY_MAX = 60.0  # active objects are retried for as long as their service runs
 
 
 class Persistence:
@@ -188,15 +189,31 @@ class Persistence:
                     raise
         return out
 
-    async def restore_active(self, service: str) -> None:
-        ids = self.store.objects_of(service, active_only=True)
-        if ids:
-            log.info("re-establishing %d active object(s) of %s", len(ids), service)
-        for oid in ids:
-            try:
-                await self.live_object(oid)
-            except errors.MetacError as exc:
-                log.warning("could not restore active object %d of %s: %s", oid, service, exc)
+    async def restore_active(self, service: str, restorer: Any) -> None:
+        """Re-establish the service's active objects; keep retrying the ones whose
+        dependencies are unavailable (a peer node down) until this restorer is replaced."""
+        pending = self.store.objects_of(service, active_only=True)
+        if pending:
+            log.info("re-establishing %d active object(s) of %s", len(pending), service)
+        backoff = 1.0
+        while pending:
+            failed = []
+            for oid in pending:
+                if self.restorers.get(service) is not restorer:
+                    return  # the service re-registered; its new restorer takes over
+                if not self.store.object_exists(oid):
+                    continue
+                try:
+                    await self.live_object(oid)
+                except errors.Unavailable as exc:
+                    failed.append(oid)
+                    log.info("active object %d of %s not restored yet: %s", oid, service, exc)
+                except errors.MetacError as exc:
+                    log.warning("cannot restore active object %d of %s: %s", oid, service, exc)
+            pending = failed
+            if pending:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, ACTIVE_RETRY_MAX)
 
     # --- creating ---
 
@@ -248,7 +265,7 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
                 state.set_restorer(service, None)
 
         state.spawn(watch(), f"watch restorer {service}")
-        state.spawn(state.restore_active(service), f"restore active {service}")
+        state.spawn(state.restore_active(service, restorer), f"restore active {service}")
 
         def unregister() -> None:
             if state.restorers.get(service) is restorer:
