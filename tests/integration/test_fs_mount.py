@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from metac.fs import kernel
 from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
@@ -191,9 +193,22 @@ def test_read_only_export_and_read_only_mount(pair) -> None:
     assert sorted(os.listdir(export)) == ["f"]
 
 
-def test_local_bind_mount(pair) -> None:
-    a, _, export, mnt = pair
+def test_local_bind_mount_and_forced_methods(pair) -> None:
+    a, b, export, mnt = pair
     (export / "f").write_text("local")
+    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    forced = b.metac("fs", "mount", "--method", "9p", ref, str(mnt), check=False)
+    if "9p" in kernel.filesystem_types():
+        assert forced.returncode == 0, forced.stderr
+        b.metac("fs", "umount", str(mnt))
+    else:  # this machine: no 9p module
+        assert forced.returncode == 8 and "Unsupported" in forced.stderr, forced.stderr
+    bind = b.metac("fs", "mount", "--method", "bind", ref, str(mnt), check=False)
+    assert bind.returncode == 2 and "this node" in bind.stderr  # A's directory, not B's
+    out = b.metac("fs", "mount", "--method", "sftp", ref, str(mnt)).stdout
+    assert "(sftp" in out and (mnt / "f").read_text() == "local"
+    b.metac("fs", "umount", str(mnt))
+
     out = a.metac("fs", "mount", "--read-only", f"local:{export}", str(mnt)).stdout
     assert "(bind" in out
     assert (mnt / "f").read_text() == "local"
@@ -218,6 +233,8 @@ def test_killed_server_fails_fast_and_persistent_mount_comes_back(pair) -> None:
     eventually(lambda: mounts(b)[0]["state"] == "disconnected", 30, "state disconnected")
     with pytest.raises(OSError):
         (mnt / "written-while-down").write_text("must not land under the mount point")
+    time.sleep(4)  # a few failed reconnects: still one placeholder, not a stack of them
+    assert b.mounts().count(str(mnt)) == 1, b.mounts()
 
     (export / "f").write_text("after")
     a.start()
@@ -248,3 +265,49 @@ def test_non_persistent_mount_does_not_survive_restart(pair) -> None:
     b.start()
     assert mounts(b) == []
     assert not (mnt / "f").exists()
+
+
+HOLDER_SCRIPT = """
+import asyncio, sys, capnp
+from metac import api
+from metac.schema.load import fs
+
+async def main(export, path, keep):
+    async with api.connect_admin() as admin:
+        svc = await api.service_admin(admin, "fs", fs.FilesystemServiceAdmin)
+        ns = svc.rootNamespace().ns
+        sub = ns.filesystem().fs.getSubtree(export.lstrip("/")).fs
+        if keep:
+            opts = fs.MountOptions.new_message()
+            opts.keep = True
+            holder = (await ns.mountWith(path, sub, opts)).holder
+        else:
+            holder = (await ns.mount(path, sub)).holder
+        print("mounted", flush=True)
+        sys.stdin.readline()  # hold it until the test says so
+        del holder
+
+asyncio.run(capnp.run(main(sys.argv[1], sys.argv[2], sys.argv[3] == "keep")))
+"""
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_dropping_the_holder_of_mount_unmounts_unless_kept(pair, keep: bool) -> None:
+    a, _, export, mnt = pair
+    (export / "f").write_text("x")
+    proc = a.host.popen([sys.executable, "-c", HOLDER_SCRIPT, str(export), str(mnt),
+                         "keep" if keep else "drop"], env=a.cli_env(), stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "mounted"
+        assert (mnt / "f").read_text() == "x"
+        assert [m["path"] for m in mounts(a)] == [str(mnt)]
+    finally:
+        proc.communicate("\n", timeout=30)  # the client exits: its reference is dropped
+    if keep:
+        time.sleep(1)
+        assert (mnt / "f").exists() and mounts(a)[0]["method"] == "bind"
+        a.metac("fs", "umount", str(mnt))
+    eventually(lambda: not (mnt / "f").exists(), 10, "the mount to go with its holder")
+    assert mounts(a) == []
+

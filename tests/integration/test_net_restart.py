@@ -9,6 +9,7 @@ import pytest
 from test_net_bind import (
     assert_clean_logs,
     container,
+    net_log,
     net_ls,
     nft,
     ping_ok,
@@ -84,13 +85,16 @@ def test_unbind_by_name_keeps_a_persistent_bind_from_coming_back(nodes_factory) 
     a.stop()
     a.start()
     ping_ok(c2, "192.168.82.1", timeout=30)
+    wait_until(lambda: [b["state"] for b in net_ls(a)["binds"]] == ["up"], what="bind listed")
     proc = a.metac("net", "unbind", "1")
-    assert proc.stdout.startswith("released bind p1 <-> p2") and "metac ref rm" in proc.stderr
-    assert a.links() == before
+    assert proc.stdout.startswith("released bind p1 <-> p2") and "metac ref rm" in proc.stderr, \
+        (proc.stdout, proc.stderr, net_log(a)[-3000:])
+    assert a.links() == before, net_log(a)[-3000:]
     a.stop()
     a.start()
     time.sleep(1)
-    assert a.links() == before and not pings(c2, "192.168.82.1")
+    assert a.links() == before and not pings(c2, "192.168.82.1"), net_log(a)[-3000:]
+    assert_clean_logs(a)
 
 
 def test_killed_service_leaves_nothing_after_its_restart(nodes_factory) -> None:

@@ -212,6 +212,7 @@ async def fs_mount(args: argparse.Namespace) -> int:
         options = schema.fs.MountOptions.new_message()
         options.method = "" if args.method == "auto" else args.method
         options.readOnly = args.read_only
+        options.keep = True  # the mount outlives this command
         async with rpc_errors():
             holder = (await ns.mountWith(path, fs, options)).holder
             if args.persistent:
@@ -367,6 +368,7 @@ async def block_attach(args: argparse.Namespace) -> int:
         options = schema.fs.AttachOptions.new_message()
         options.readOnly = args.read_only
         options.mountPath = mount_path
+        options.keep = True  # the attachment outlives this command
         async with rpc_errors():
             out = await (await res.fs_admin()).attachBlock(dev, options)
             if args.persistent:

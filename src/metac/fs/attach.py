@@ -67,13 +67,14 @@ async def run_tool(supervisor: Supervisor, argv: list[str], name: str,
         code = await asyncio.wait_for(child.wait(), timeout)
     finally:
         await supervisor.stop(child, grace=1.0)
+    try:
+        with open(child.log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(child.log_path) - 300))
+            tail = f.read().decode(errors="replace").strip().splitlines()[-1:]
+        os.unlink(child.log_path)  # one file per run would pile up
+    except OSError:
+        tail = []
     if code != 0:
-        try:
-            with open(child.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(child.log_path) - 300))
-                tail = f.read().decode(errors="replace").strip().splitlines()[-1:]
-        except OSError:
-            tail = []
         raise errors.FailedPrecondition(f"{os.path.basename(argv[0])} failed: "
                                         f"{tail[0] if tail else f'exit {code}'}")
     return out.decode(errors="replace")
@@ -211,14 +212,14 @@ class Attachment:
         argv = [nbdfuse, *(["-r"] if self.read_only else []), os.path.join(self.dir, "disk"),
                 "--fd", str(fd)]
         self._child = await self.state.supervisor.spawn(argv, name=f"nbdfuse-{self.id}",
-                                                        pass_fds=[fd])
+                                                        pass_fds=[fd], log_to_file=False)
         sock.close()
         disk = os.path.join(self.dir, "disk")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ATTACH_WAIT
         while not (kernel.top_mount(self.dir) and os.path.exists(disk)):
             if self._child.returncode is not None or loop.time() > deadline:
-                raise errors.Unavailable(f"nbdfuse did not start (see {self._child.log_path})")
+                raise errors.Unavailable("nbdfuse did not start (see the fs service log)")
             await asyncio.sleep(0.05)
         kernel.set_read_ahead(self.dir, FUSE_READ_AHEAD_KIB)
         out = await run_tool(self.state.supervisor,

@@ -19,6 +19,7 @@ filesystem instead of going through the network.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import posixpath
 import secrets
@@ -34,6 +35,8 @@ from metac.fs import servers
 from metac.fs.resolve import Directory, Entry, parse_name
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
+
+log = logging.getLogger(__name__)
 
 _MINTED: dict[bytes, weakref.ref[Any]] = {}
 _MINTED_MAX = 256
@@ -62,9 +65,23 @@ class Exported(PersistableMixin):
         _MINTED[bytes(ref.objectInfo)] = weakref.ref(self)
 
 
+def logged(serve: Any, what: str) -> Any:
+    """``serve`` whose failure is logged here (it runs in a task nobody awaits)."""
+
+    async def run(endpoint: Any) -> None:
+        try:
+            await serve(endpoint)
+        except errors.MetacError as exc:
+            log.warning("%s connection failed: %s", what, exc.wire())
+        except Exception:
+            log.exception("%s connection failed", what)
+
+    return run
+
+
 def protocol_stream(state: FsState, owner: Any, protocol: str, serve: Any) -> HandoffStreamServer:
     return HandoffStreamServer(
-        state.streams, serve, name=protocol, ctx=state.ctx,
+        state.streams, logged(serve, protocol), name=protocol, ctx=state.ctx,
         description=Description("stream", {"protocol": protocol}, caps=[owner]))
 
 
@@ -140,7 +157,8 @@ class FileServer(Exported, fs_schema.File.Server):
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise errors.FailedPrecondition(f"{self.entry.name}: not a regular file")
         serve = functools.partial(servers.receive_file, self.entry, bool(append))
-        _context.results.stream = HandoffStreamServer(self._state.streams, serve, name="write")
+        _context.results.stream = HandoffStreamServer(self._state.streams,
+                                                      logged(serve, "write"), name="write")
 
     async def openAsBlock(self, _context: Any, **kwargs: Any) -> None:
         os.close(servers.open_image(self.entry))

@@ -115,7 +115,10 @@ def top_mount(path: str) -> MountEntry | None:
 
 
 def placeholder(path: str) -> None:
-    """An empty read-only tmpfs over ``path``: reads find nothing, writes fail."""
+    """An empty read-only tmpfs over ``path``: reads find nothing, writes fail (one only)."""
+    top = top_mount(path)
+    if top is not None and top.source == PLACEHOLDER_SOURCE:
+        return
     mount(PLACEHOLDER_SOURCE, path, "tmpfs",
           MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
 

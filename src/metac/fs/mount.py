@@ -192,7 +192,7 @@ class MountSession:
         fd = sock.fileno()
         self._child = await self.state.supervisor.spawn(
             sshfs_argv(sshfs, self.path, self.marker, read_only=self.read_only),
-            name=f"sshfs-{self.id}", stdin=fd, stdout=fd)
+            name=f"sshfs-{self.id}", stdin=fd, stdout=fd, log_to_file=False)
         sock.close()  # sshfs holds the connection now
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MOUNT_WAIT
@@ -202,7 +202,7 @@ class MountSession:
                 return
             if self._child.returncode is not None or loop.time() > deadline:
                 raise errors.Unavailable(f"sshfs did not mount {self.path} "
-                                         f"(see {self._child.log_path})")
+                                         "(see the fs service log)")
             await asyncio.sleep(0.05)
 
     # --- watching, reconnecting ---

@@ -36,8 +36,10 @@ async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.
     fd = endpoint.read_fd
     os.set_blocking(fd, True)  # the program does blocking I/O on it
     extra = {"stdin": fd, "stdout": fd} if stdio else {}
+    # One program per connection: its stderr goes to the service's log (no file each).
     child = await supervisor.spawn(box.argv(sb.bwrap()), name=f"{name}-{secrets.token_hex(4)}",
-                                   pass_fds=[*box.pass_fds, *([] if stdio else [fd])], **extra)
+                                   pass_fds=[*box.pass_fds, *([] if stdio else [fd])],
+                                   log_to_file=False, **extra)
     endpoint.close()  # the program holds the connection now: its exit closes it
     try:
         return await child.wait()

@@ -4,10 +4,11 @@
 ``FilesystemServiceAdmin`` (root): ``rootNamespace`` and block attachments. The
 namespace mounts filesystems; exported objects live in ``exports``.
 
-Lifetime of a mount (and, the same way, of a block attachment): the service
-keeps every mount's holder in ``FsState.mounts`` until it is released, so a
-mount made by a CLI call outlives that call. ``metac fs umount PATH`` finds the
-holder through ``listMounts`` and releases it. A mount is persistent when a
+Lifetime of a mount (and, the same way, of a block attachment): as the paper
+says, releasing or dropping the holder that ``mount`` returned unmounts. With
+``MountOptions.keep`` (what `metac fs mount` asks for) the service keeps the
+holder itself, so the mount outlives the caller; `metac fs umount PATH` finds
+the holder through ``listMounts`` and releases it. A mount is persistent when a
 persistent sturdy ref to its holder exists (``metac fs mount --persistent``):
 its description is *active*, so persistence restores it when the service
 starts, and the service reconnects it when the serving node comes back. A
@@ -121,6 +122,7 @@ class MountHolder(_ActionHolder):
     def __init__(self, state: FsState, session: MountSession) -> None:
         async def undo() -> None:
             state.mounts.pop(session.id, None)
+            state.kept.pop(session.id, None)
             await session.close()
             await revoke(state.ctx, state.secrets.pop("mount", session.id).get("refs", []))
 
@@ -148,6 +150,7 @@ class AttachHolder(_ActionHolder):
     def __init__(self, state: FsState, session: Attachment) -> None:
         async def undo() -> None:
             state.attachments.pop(session.id, None)
+            state.kept.pop(session.id, None)
             await session.close()
             await revoke(state.ctx,
                          state.secrets.pop("attachment", session.id).get("refs", []))
@@ -181,14 +184,15 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         _context.results.fs = exports.FilesystemServer(self._state, Directory.open_root())
 
     async def mount(self, path: str, fs: Any, _context: Any, **kwargs: Any) -> None:
-        _context.results.holder = await self._mount(path, fs, "", False)
+        _context.results.holder = await self._mount(path, fs, "", False, False)
 
     async def mountWith(self, path: str, fs: Any, options: Any, _context: Any,
                         **kwargs: Any) -> None:
         _context.results.holder = await self._mount(path, fs, options.method,
-                                                    bool(options.readOnly))
+                                                    bool(options.readOnly), bool(options.keep))
 
-    async def _mount(self, path: str, fs: Any, method: str, read_only: bool) -> MountHolder:
+    async def _mount(self, path: str, fs: Any, method: str, read_only: bool,
+                     keep: bool) -> MountHolder:
         state = self._state
         path = check_mount_point(path)
         if any(h.session.path == path for h in state.mounts.values()):
@@ -203,10 +207,12 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         await session.start()
         holder = MountHolder(state, session)
         state.mounts[session.id] = holder
+        if keep:
+            state.kept[session.id] = holder
         return holder
 
     async def listMounts(self, _context: Any, **kwargs: Any) -> None:
-        holders = sorted(self._state.mounts.values(), key=lambda h: h.session.path)
+        holders = sorted(list(self._state.mounts.values()), key=lambda h: h.session.path)
         out = _context.results.init("mounts", len(holders))
         for i, holder in enumerate(holders):
             s = holder.session
@@ -236,11 +242,13 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
         await session.start()
         holder = AttachHolder(state, session)
         state.attachments[session.id] = holder
+        if options.keep:
+            state.kept[session.id] = holder
         _context.results.path = session.device
         _context.results.holder = holder
 
     async def listBlockAttachments(self, _context: Any, **kwargs: Any) -> None:
-        holders = sorted(self._state.attachments.values(), key=lambda h: h.session.id)
+        holders = sorted(list(self._state.attachments.values()), key=lambda h: h.session.id)
         out = _context.results.init("attachments", len(holders))
         for i, holder in enumerate(holders):
             s = holder.session
@@ -305,6 +313,7 @@ async def _restore_mount(ctx: ServiceContext, data: dict[str, Any], caps: list[A
     holder = MountHolder(state, session)
     holder._runtime_id = key
     state.mounts[key] = holder
+    state.kept[key] = holder
     return holder
 
 
@@ -322,6 +331,7 @@ async def _restore_attachment(ctx: ServiceContext, data: dict[str, Any],
     holder = AttachHolder(state, session)
     holder._runtime_id = key
     state.attachments[key] = holder
+    state.kept[key] = holder
     return holder
 
 
@@ -357,6 +367,5 @@ class FsService(ServiceDefinition):
                 await holder.session.close()
             except Exception:
                 log.exception("closing %s failed", holder._what)
-        self.state.attachments.clear()
-        self.state.mounts.clear()
+        self.state.kept.clear()
         await self.state.aclose()

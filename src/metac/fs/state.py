@@ -2,8 +2,9 @@
 
 ``FsState`` is the context every server object of the service gets: the service
 context (supervisor, persistence, node pool), the ``StreamHost`` that owns the
-data connections, the service's directories, and the live mounts and
-attachments by id.
+data connections, the service's directories, and the live mount and
+attachment holders by id (weakly: dropping a holder nobody keeps undoes it),
+and the holders the service keeps alive itself.
 
 ``Secrets`` is a root-only JSON file (``<state_dir>/fs/persistent.json``, 0600)
 for what a persistent mount or attachment must keep but must not put into its
@@ -18,14 +19,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import Any
 
 from metac.core.service import ServiceContext
 from metac.core.streams import StreamHost
-
-if TYPE_CHECKING:
-    from metac.fs.attach import Attachment
-    from metac.fs.mount import MountSession
 
 
 class Secrets:
@@ -84,8 +82,11 @@ class FsState:
         self.records_dir = os.path.join(self.state_dir, "records")
         os.makedirs(self.records_dir, mode=0o700, exist_ok=True)
         self.secrets = Secrets(os.path.join(self.state_dir, "persistent.json"))
-        self.mounts: dict[str, MountSession] = {}
-        self.attachments: dict[str, Attachment] = {}
+        #: Live holders by id (weak: a holder nobody keeps is dropped, which undoes it).
+        self.mounts: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self.attachments: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        #: Holders the service keeps alive itself (options.keep, restored persistent ones).
+        self.kept: dict[str, Any] = {}
 
     @staticmethod
     def new_id() -> str:

@@ -112,6 +112,11 @@ struct MountOptions {
   # has a 9p client, else "sftp" (sshfs over FUSE). "9p", "sftp" or "bind"
   # force one (Unsupported if this node cannot do it).
   readOnly @1 :Bool;
+  keep @2 :Bool;
+  # Keep the mount when every reference to the holder is dropped (the caller
+  # may exit, as `metac fs mount` does): it then lasts until the holder, found
+  # again through listMounts, is released, or until the service stops. Without
+  # keep, dropping the holder unmounts (as for mount()).
 }
 
 struct AttachOptions {
@@ -120,6 +125,9 @@ struct AttachOptions {
   # Attach read-only (also implied by a read-only device).
   mountPath @1 :Text;
   # If not "", also mount the device's filesystem there (an existing directory).
+  keep @2 :Bool;
+  # As MountOptions.keep: the attachment outlives the references to its holder
+  # until it is released (through listBlockAttachments) or the service stops.
 }
 
 struct BlockAttachmentInfo {
@@ -148,10 +156,10 @@ interface FilesystemNamespace extends(Core.Persistable) {
   listMounts @2 () -> (mounts :List(MountInfo));
   # Added: the mounts currently held through `mount`.
   mountWith @3 (path :Text, fs :Filesystem, options :MountOptions) -> (holder :Core.Holder);
-  # Added: mount with options (method, read-only); mount(path, fs) is
-  # mountWith(path, fs, default options). The mount stays until the holder is
-  # released or made persistent and then released; the service keeps it alive
-  # when the caller goes away.
+  # Added: mount with options (method, read-only, keep); mount(path, fs) is
+  # mountWith(path, fs, default options): unmounted when the holder is released
+  # or dropped, unless options.keep. A persistent ref to the holder makes the
+  # mount come back when the node restarts.
 }
 
 interface FilesystemServiceAdmin extends(Core.ServiceAdmin) {
@@ -162,9 +170,9 @@ interface FilesystemServiceAdmin extends(Core.ServiceAdmin) {
   attachBlock @1 (device :BlockDevice, options :AttachOptions)
       -> (path :Text, holder :Core.Holder);
   # Added: attach a block device (of any node) as a local block device; path is
-  # the device node. It stays attached until the holder is released (the
-  # service keeps it when the caller goes away); a persistent ref to the holder
-  # makes it come back when the node restarts.
+  # the device node. Detached when the holder is released or dropped (unless
+  # options.keep); a persistent ref to the holder makes it come back when the
+  # node restarts.
   listBlockAttachments @2 () -> (attachments :List(BlockAttachmentInfo));
   # Added: the attachments made through attachBlock.
 }
