@@ -374,3 +374,34 @@ def test_two_refs_to_one_object_share_it(nodes_factory) -> None:
     a.metac("ref", "rm", box_a)
     # The object stays alive while the nested ref holds it.
     assert demo(b, "box-get", box, "1").stdout.strip() == "6"
+
+
+FORGET = textwrap.dedent("""
+    import asyncio, sys, capnp
+    from metac import api
+    from metac.schema.load import persistence
+    async def main(runtime_id):
+        async with api.connect_admin() as admin:
+            padmin = await api.service_admin(admin, "persistence", persistence.PersistenceAdmin)
+            handler = (await padmin.getHandlerFor("demo")).handler
+            print((await handler.forget(runtime_id)).revoked)
+    asyncio.run(capnp.run(main(sys.argv[1])))
+""")
+
+
+def test_service_forgets_its_objects_refs(nodes_factory) -> None:
+    a, b = nodes_factory(2, DEMO)
+    ref = demo(a, "make-counter", "f", "--persistent").stdout.strip()
+    demo(a, "make-box", "keep", ref, "--persistent")
+    db = sqlite3.connect(f"file:{a.state_dir / 'refs.sqlite3'}?mode=ro", uri=True)
+    try:
+        (runtime_id,) = db.execute(
+            "SELECT runtime_id FROM objects WHERE category = 'counter'").fetchone()
+    finally:
+        db.close()
+    out = a.host.run([sys.executable, "-c", FORGET, runtime_id], env=a.cli_env()).stdout
+    assert out.strip() == "3"  # the exported, the adopted and the nested ref
+    gone = demo(b, "increment", ref, "1", check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    listed = json.loads(a.metac("ref", "ls", "--json").stdout)
+    assert [r["category"] for r in listed] == ["box"]

@@ -79,6 +79,10 @@ class ServiceContext:
         addr.port = self.env.node_port if self.env.node_port != 901 else 0
         return addr
 
+    async def forget(self, runtime_id: str) -> int:
+        """Revoke every ref of this service's object with ``runtime_id``; how many."""
+        return (await self.handler.forget(runtime_id)).revoked
+
     async def create_ref(self, obj: Any, desc: Description, runtime_id: str,
                          group: Any, persistent: bool) -> Any:
         """Ask persistence for a sturdy ref to ``obj`` (a server object of this service)."""
@@ -108,10 +112,17 @@ class PersistableMixin(Servant):
         raise errors.Unsupported(f"{type(self).__name__} cannot be persisted")
 
     async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any, **kwargs: Any) -> None:
+        description = self._describe()  # first: Unsupported for objects that cannot persist
         if self._runtime_id is None:
             self._runtime_id = secrets.token_hex(16)
-        ref = await self._ctx.create_ref(self, self._describe(), self._runtime_id, rgroup, persistent)
+        ref = await self._ctx.create_ref(self, description, self._runtime_id, rgroup, persistent)
         _context.results.id = ref
+
+    async def forget_refs(self) -> int:
+        """Revoke every sturdy ref of this object (e.g. when the action it holds is undone)."""
+        if self._runtime_id is None:
+            return 0
+        return await self._ctx.forget(self._runtime_id)
 
 
 class ServiceDefinition:
@@ -163,6 +174,9 @@ class RestorerServer(Servant, persistence.Restorer.Server):
             raise errors.InvalidArgument("corrupt description") from None
         caps = list(description.caps)
         obj = await restore(self._service.ctx, data, caps)
+        if isinstance(obj, PersistableMixin) and description.runtimeId:
+            # The same stored object: new refs and forget() find its row again.
+            obj._runtime_id = description.runtimeId
         _context.results.cap = obj
 
     async def wait(self, **kwargs: Any) -> None:

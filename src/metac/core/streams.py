@@ -621,12 +621,6 @@ class StreamServer(PersistableMixin, stream_schema.Stream.Server):
             raise errors.Unsupported(f"{self._name} cannot be persisted")
         return self._description
 
-    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
-                              **kwargs: Any) -> None:
-        self._describe()  # Unsupported unless served by a service with a description
-        await PersistableMixin.createSturdyRef.__wrapped__(  # type: ignore[attr-defined]
-            self, rgroup, persistent, _context, **kwargs)
-
     async def tcpListen(self, remote: Any, remotePort: int, _context: Any, **kwargs: Any) -> None:
         peer = _parse_peer(remote.ip, remotePort)
         listener = self._host.listen(peer)

@@ -281,6 +281,13 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
     async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
         _context.results.obj = await self._state.restore_secret(self._service, bytes(objectInfo))
 
+    async def forget(self, runtimeId: str, **kwargs: Any) -> int:
+        n, dropped = self._state.store.delete_object(self._service, runtimeId)
+        self._state.drop_live(dropped)
+        if n:
+            log.info("revoked %d ref(s) of a %s object at its service's request", n, self._service)
+        return n
+
     async def watch(self, **kwargs: Any) -> None:
         await asyncio.Event().wait()
 

@@ -181,6 +181,17 @@ class Store:
             dropped = self._drop_orphans()
         return info, dropped
 
+    def delete_object(self, service: str, runtime_id: str) -> tuple[int, list[int]]:
+        """Revoke every ref of the object; (refs revoked, ids of objects dropped)."""
+        with self._transaction():
+            row = self.db.execute("SELECT id FROM objects WHERE service = ? AND runtime_id = ?",
+                                  (service, runtime_id)).fetchone()
+            if row is None:
+                return 0, []
+            n = self.db.execute("DELETE FROM refs WHERE object_id = ?", (row[0],)).rowcount
+            dropped = self._drop_orphans()
+        return n, dropped
+
     def objects_of(self, service: str, *, active_only: bool) -> list[int]:
         sql = "SELECT id FROM objects WHERE service = ?" + (" AND active = 1" if active_only else "")
         return [r[0] for r in self.db.execute(sql, (service,)).fetchall()]

@@ -38,6 +38,10 @@ interface ServicePersistenceHandler {
                       persistent :Bool, cap :AnyPointer) -> (ref :Core.MetacSturdyRef);
   restore @2 (objectInfo :Data) -> (obj :AnyPointer);
   # Added: restore a ref of this handler's service (used by Service.restore).
+  forget @4 (runtimeId :Text) -> (revoked :UInt32);
+  # Added: revoke every ref of this service's object with that runtime id
+  # (an action undone by its owner, e.g. `metac fs umount` of a persistent
+  # mount, must not come back at the next start).
   watch @3 ();
   # Added: never returns while persistence runs; lets a service notice at once
   # that persistence restarted and its restorer must be registered again.
