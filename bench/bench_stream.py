@@ -7,7 +7,7 @@ A benchmark, not a test. On loopback only (a node on 127.0.0.2, helpers on
   (a) throughput with iperf3 (one TCP stream each way, then 4 in parallel) over
       * direct TCP: iperf3 client -> iperf3 server;
       * a socat relay: client -> socat -> server (one relay process, read/write);
-      * a relay made of metac's pump alone (``core.streams.Pump``, splice), the
+      * a relay made of metac's pump alone (``core.pump.Pump``, splice), the
         like-for-like comparison with socat;
       * metac: client -> `metac stream forward REF` -> the node's stream service
         -> server. That path has two relays (the forward CLI and the stream
@@ -77,7 +77,7 @@ asyncio.run(main())
 
 PUMP_RELAY = """
 import asyncio, socket, sys
-from metac.core.streams import Endpoint, Pump
+from metac.core.pump import Endpoint, Pump
 async def main(port, target):
     loop = asyncio.get_running_loop()
     server = socket.create_server(("127.0.0.1", port), backlog=64)

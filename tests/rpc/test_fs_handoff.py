@@ -9,7 +9,8 @@ from typing import Any
 
 import capnp
 
-from metac.core.streams import Endpoint, HandoffStreamServer, StreamHost, memory_pair, open_stream
+from metac.core.pump import Endpoint
+from metac.core.streams import HandoffStreamServer, StreamHost, memory_pair, open_stream
 from metac.schema.load import stream
 
 LOCAL = "127.0.0.1"

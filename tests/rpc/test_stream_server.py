@@ -18,11 +18,10 @@ import pytest
 
 from metac import errors
 from metac.core.rpc import rpc_errors
+from metac.core.sources import TcpSource, file_source
 from metac.core.streams import (
     StreamHost,
     StreamServer,
-    TcpSource,
-    file_source,
     memory_pair,
     open_stream,
     spawn_with_stdio_stream,

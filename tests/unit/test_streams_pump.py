@@ -1,4 +1,4 @@
-"""The pump of metac.core.streams over local fds: splice, fallback copy, half-close, errors."""
+"""metac.core.pump (with metac.core.sources) over local fds: splice, fallback copy, half-close, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import socket
 
 import pytest
 
-from metac.core.streams import Endpoint, Pump, file_source, pipe_endpoints
+from metac.core.pump import Endpoint, Pump, pipe_endpoints
+from metac.core.sources import file_source
 
 
 def run(coro):
@@ -190,7 +191,7 @@ def test_fallback_copy_for_a_tty() -> None:
 
 def test_one_shot_source_opens_once() -> None:
     from metac import errors
-    from metac.core.streams import OneShotSource
+    from metac.core.sources import OneShotSource
 
     async def main() -> None:
         a, b = _pair()

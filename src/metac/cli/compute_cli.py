@@ -37,7 +37,8 @@ from metac.codec.runspecs import (
     env_option,
     signal_number,
 )
-from metac.core.streams import Endpoint, OpenedStream, Pump, local_address_for, open_stream
+from metac.core.pump import Endpoint, Pump
+from metac.core.streams import OpenedStream, local_address_for, open_stream
 
 OUTPUT_GRACE = 5.0  # after the process ended, how long its output may take to arrive
 

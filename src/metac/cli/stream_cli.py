@@ -17,7 +17,8 @@ from typing import Any
 from metac import errors
 from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
 from metac.codec.locators import Locator, RefLocator, TcpEndpoint
-from metac.core.streams import Endpoint, local_address_for, open_stream, pipe_endpoints
+from metac.core.pump import Endpoint, pipe_endpoints
+from metac.core.streams import local_address_for, open_stream
 
 STREAM_KINDS = ("ref", "tcp", "unix")
 

@@ -37,6 +37,7 @@ from metac.compute.stdio import ConsoleReceiver, FdSpec, Stdio
 from metac.core.holder import Revert
 from metac.core.streams import StreamHost
 from metac.core.supervisor import Supervisor
+from metac.core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +108,12 @@ class ComputeHost:
         self.supervisor = supervisor
         self.envs: dict[str, Environment] = {}
         self.watched: dict[int, Watched] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self.closing = False  # the service stops: environments go, persistent ones come back
         os.makedirs(base_dir, mode=0o700, exist_ok=True)
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro, name)
 
     def watch(self, pid: int, on_exit: Any) -> Watched:
         def exited(w: Watched) -> None:
@@ -157,9 +155,7 @@ class ComputeHost:
         self.closing = True
         envs = list(self.envs.values())
         await asyncio.gather(*(e.destroy() for e in envs), return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         for w in list(self.watched.values()):
             w.close()
 

@@ -29,14 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from metac import errors
-from metac.core.streams import (
-    Endpoint,
-    OneShotSource,
-    Session,
-    StreamHost,
-    StreamServer,
-    open_stream,
-)
+from metac.core.pump import Endpoint
+from metac.core.sources import OneShotSource
+from metac.core.streams import Session, StreamHost, StreamServer, open_stream
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from metac import errors
 from metac.core.rpc import Servant
+from metac.core.tasks import TaskSet
 from metac.schema.load import core
 
 log = logging.getLogger(__name__)
@@ -107,18 +108,15 @@ class HolderServer(Servant, core.Holder.Server):
             pass
 
 
-_BACKGROUND: set[asyncio.Task[Any]] = set()
+# Undo work started from __del__ has no awaiting caller: this set owns it, and
+# core.process waits for it at exit.
+_BACKGROUND = TaskSet()
 
 
-def _background(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any], name: str) -> None:
-    # Undo work started from __del__ has no awaiting owner; this set keeps the
-    # task alive until it finishes (and core.process waits for it at exit).
-    task = loop.create_task(coro, name=name)  # type: ignore[arg-type]
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+def _background(loop: asyncio.AbstractEventLoop, coro: Any, name: str) -> None:
+    _BACKGROUND.spawn(coro, name, log_errors=True)
 
 
 async def drain_background(timeout: float = 10.0) -> None:
     """Wait for undo work started by dropped holders (used at process exit)."""
-    if _BACKGROUND:
-        await asyncio.wait(list(_BACKGROUND), timeout=timeout)
+    await _BACKGROUND.wait(timeout)

@@ -20,7 +20,7 @@ import stat
 import subprocess
 
 from metac import errors
-from metac.core.streams import Endpoint
+from metac.core.pump import Endpoint
 from metac.core.supervisor import Supervisor, require_program
 from metac.fs import sandbox as sb
 from metac.fs.resolve import Directory, Entry

@@ -23,6 +23,7 @@ from metac.core.holder import HolderServer
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import run_daemon
 from metac.core.rpc import Servant, connect_unix
+from metac.core.tasks import TaskSet
 from metac.persistence.sealing import load_or_create_key, seal, unseal
 from metac.persistence.store import Store, secret_hash, short_id_of
 from metac.schema.load import core, persistence
@@ -50,19 +51,15 @@ class Persistence:
         self.handlers: dict[str, HandlerServer] = {}
         self.locks: dict[int, asyncio.Lock] = {}
         self.pool = NodePool()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet()
 
     # --- ownership of background work ---
 
     def spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(coro, name, log_errors=True)
 
     async def aclose(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.aclose()
         self.live.clear()
         await self.pool.aclose()
         self.store.close()

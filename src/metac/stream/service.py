@@ -14,13 +14,12 @@ from metac import errors
 from metac.codec.locators import LocatorError, TcpEndpoint, UnixEndpoint
 from metac.core.rpc import Servant
 from metac.core.service import Description, ServiceContext, ServiceDefinition, run_service
+from metac.core.sources import TcpSource, UnixSource
 from metac.core.streams import (
     LISTEN_TIMEOUT,
     BindHolder,
     StreamHost,
     StreamServer,
-    TcpSource,
-    UnixSource,
     restore_bind,
 )
 from metac.schema.load import stream
