@@ -62,6 +62,19 @@ def start_bind(node: NodeHost, *uris: str, timeout: float = 30.0) -> subprocess.
     return proc
 
 
+def export(node: NodeHost, dev: str) -> str:
+    """``metac net export local:DEV`` on ``node``: the ref it prints."""
+    return node.metac("net", "export", f"local:{dev}").stdout.strip()
+
+
+def bind_new(node: NodeHost, ref: str, dev: str, addr: str) -> subprocess.Popen[str]:
+    """Bind ``ref`` to a new interface ``dev`` of ``node`` (in the foreground, as
+    ``start_bind``) and give ``dev`` the address ``addr``/24."""
+    proc = start_bind(node, ref, f"newlocal:{dev}")
+    node.host.run(["ip", "addr", "add", f"{addr}/24", "dev", dev])
+    return proc
+
+
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str, str]:
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
@@ -176,10 +189,9 @@ def test_bind_between_nodes_carries_traffic_and_leaves_nothing(nodes_factory) ->
     before = links_of(a, b)
     state = snapshot(a, b)
 
-    ref = a.metac("net", "export", "local:port0").stdout.strip()
+    ref = export(a, "port0")
     assert ref.startswith(f"ref://{a.address}/net/")
-    bind = start_bind(b, ref, "newlocal:remote0")
-    b.host.run(["ip", "addr", "add", "192.168.77.2/24", "dev", "remote0"])
+    bind = bind_new(b, ref, "remote0", "192.168.77.2")
 
     ping_ok(ca, "192.168.77.2")
     ping_ok(b.host, "192.168.77.1")
@@ -217,12 +229,8 @@ def test_three_nodes_binds_stay_isolated(nodes_factory) -> None:
     c1 = container(a, "c1", dev="p1", addr="192.168.50.1")
     c2 = container(a, "c2", dev="p2", addr="192.168.50.1")
     before = links_of(a, b, c)
-    ref1 = a.metac("net", "export", "local:p1").stdout.strip()
-    ref2 = a.metac("net", "export", "local:p2").stdout.strip()
-    bind_b = start_bind(b, ref1, "newlocal:r0")
-    bind_c = start_bind(c, ref2, "newlocal:r0")
-    b.host.run(["ip", "addr", "add", "192.168.50.2/24", "dev", "r0"])
-    c.host.run(["ip", "addr", "add", "192.168.50.3/24", "dev", "r0"])
+    bind_b = bind_new(b, export(a, "p1"), "r0", "192.168.50.2")
+    bind_c = bind_new(c, export(a, "p2"), "r0", "192.168.50.3")
 
     ping_ok(c1, "192.168.50.2")
     ping_ok(c2, "192.168.50.3")
@@ -277,10 +285,9 @@ def test_ipv6_nodes(nodes_factory) -> None:
     assert ":" in a.address
     ca = container(a, "ca", dev="port0", addr="192.168.78.1")
     before = links_of(a, b)
-    ref = a.metac("net", "export", "local:port0").stdout.strip()
+    ref = export(a, "port0")
     assert ref.startswith(f"ref://[{a.address}]/net/")
-    bind = start_bind(b, ref, "newlocal:remote0")
-    b.host.run(["ip", "addr", "add", "192.168.78.2/24", "dev", "remote0"])
+    bind = bind_new(b, ref, "remote0", "192.168.78.2")
     ping_ok(ca, "192.168.78.2")
     tcp_transfer(ca, b.host, "192.168.78.2", size=2 << 20)
     (vx_a,), (vx_b,) = vxlans(a), vxlans(b)
@@ -302,8 +309,7 @@ def test_ipv4_and_ipv6_nodes_cannot_be_tunnelled(topology_factory: Callable[[int
         a.wait_ready()
         a.host.run(["ip", "link", "add", "port0", "type", "veth", "peer", "name", "port0u"])
         before = links_of(a, b)
-        ref = a.metac("net", "export", "local:port0").stdout.strip()
-        proc = b.metac("net", "bind", ref, "newlocal:remote0", check=False)
+        proc = b.metac("net", "bind", export(a, "port0"), "newlocal:remote0", check=False)
         assert proc.returncode == 8, proc.stderr
         assert proc.stderr.strip() == ("metac: Unsupported: cannot tunnel between an IPv4 node "
                                        "and an IPv6 node")

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from test_net_bind import container, ip_json, ping_ok, start_bind, stop, vxlans
+from test_net_bind import bind_new, container, export, ip_json, ping_ok, stop, vxlans
 
 from metac.testing.netns import Host
 from metac.testing.nodes import NodeHost
@@ -103,9 +103,7 @@ def tunnel(nodes_factory):
     """Nodes A and B (and C), with A's port0 bound to B's remote0; the ports and VNI."""
     a, b, c = nodes_factory(3)
     ca = container(a, "ca", dev="port0", addr="192.168.79.1")
-    ref = a.metac("net", "export", "local:port0").stdout.strip()
-    bind = start_bind(b, ref, "newlocal:remote0")
-    b.host.run(["ip", "addr", "add", "192.168.79.2/24", "dev", "remote0"])
+    bind = bind_new(b, export(a, "port0"), "remote0", "192.168.79.2")
     ping_ok(ca, "192.168.79.2")
     (vx_a,), (vx_b,) = vxlans(a), vxlans(b)
     assert vx_a["id"] == vx_b["id"]

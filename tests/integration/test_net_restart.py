@@ -8,12 +8,15 @@ import time
 import pytest
 from test_net_bind import (
     assert_clean_logs,
+    bind_new,
     container,
+    export,
     net_log,
     net_ls,
     nft,
     ping_ok,
     pings,
+    start_bind,
     vxlans,
     wait_until,
 )
@@ -29,6 +32,13 @@ def service(node: NodeHost, name: str) -> dict:
     return svc
 
 
+def refs(node: NodeHost, category: str, *, persistent: bool = True) -> list[dict]:
+    """The node's refs of net objects of ``category`` (``metac ref ls``)."""
+    rows = json.loads(node.metac("ref", "ls", "--json").stdout)
+    return [r for r in rows if (r["service"], r["category"], r["persistent"])
+            == ("net", category, persistent)]
+
+
 def addresses(node: NodeHost, dev: str) -> list[str]:
     out = json.loads(node.host.run(["ip", "-j", "addr", "show", "dev", dev]).stdout)
     return [a["local"] for a in out[0]["addr_info"] if a["family"] == "inet"]
@@ -38,14 +48,15 @@ def test_persistent_bind_survives_restarts_of_both_nodes(nodes_factory) -> None:
     a, b = nodes_factory(2)
     ca = container(a, "ca", dev="port0", addr="192.168.81.1")
     before = {a.name: a.links(), b.name: b.links()}
-    ref = a.metac("net", "export", "local:port0").stdout.strip()
-    proc = b.metac("net", "bind", "--persistent", ref, "newlocal:remote0")
+    proc = b.metac("net", "bind", "--persistent", export(a, "port0"), "newlocal:remote0")
     bind_ref = proc.stdout.strip()
     assert bind_ref.startswith(f"ref://{b.address}/net/") and "persistent" in proc.stderr
     b.host.run(["ip", "addr", "add", "192.168.81.2/24", "dev", "remote0"])
     ping_ok(ca, "192.168.81.2")  # the CLI is gone; the node keeps the bind
     (row,) = net_ls(b)["binds"]
     assert row["persistent"] is True and row["state"] == "up"
+    (peer_ref,) = refs(a, "l2iface")  # B asked A for one persistent ref of port0
+    assert len(refs(b, "bind")) == 1
 
     # B restarts: the bind comes back, on the same remote0 (its address kept).
     b.stop()
@@ -61,9 +72,21 @@ def test_persistent_bind_survives_restarts_of_both_nodes(nodes_factory) -> None:
     assert len(vxlans(a)) == 1 and len(vxlans(b)) == 1
     wait_until(lambda: net_ls(b)["binds"][0]["state"] == "up", what="bind up again")
 
-    # Unbinding by its ref releases it on both nodes and revokes the ref.
+    # B starts while A is down: the bind is restored at once and waits for its peer.
+    a.stop()
+    b.stop()
+    b.start()
+    wait_until(lambda: [r["state"].split(":")[0] for r in net_ls(b)["binds"]]
+               in (["connecting"], ["broken"]), what="bind listed, waiting for A")
+    a.start()
+    ping_ok(ca, "192.168.81.2", timeout=60)
+    # Re-establishing it never asked A for another persistent ref.
+    assert refs(a, "l2iface") == [peer_ref]
+
+    # Unbinding by its ref releases it on both nodes and revokes its refs.
     out = b.metac("net", "unbind", bind_ref).stdout
-    assert "released the bind" in out and "revoked its ref" in out
+    assert "released the bind and revoked its refs" in out
+    assert refs(b, "bind") == [] and refs(b, "bind", persistent=False) == []
     wait_until(lambda: a.links() == before[a.name] and b.links() == before[b.name],
                what="links back to what they were")
     assert_clean_logs(a, b)
@@ -75,21 +98,28 @@ def test_persistent_bind_survives_restarts_of_both_nodes(nodes_factory) -> None:
     assert_clean_logs(a, b)
 
 
-def test_unbind_by_name_keeps_a_persistent_bind_from_coming_back(nodes_factory) -> None:
+def test_unbind_by_name_revokes_a_persistent_bind(nodes_factory) -> None:
     (a,) = nodes_factory(1)
     container(a, "c1", dev="p1", addr="192.168.82.1")
     c2 = container(a, "c2", dev="p2", addr="192.168.82.2")
     before = a.links()
-    a.metac("net", "bind", "--persistent", "local:p1", "local:p2")
+    bind_ref = a.metac("net", "bind", "--persistent", "local:p1", "local:p2").stdout.strip()
     ping_ok(c2, "192.168.82.1")
     a.stop()
     a.start()
     ping_ok(c2, "192.168.82.1", timeout=30)
     wait_until(lambda: [b["state"] for b in net_ls(a)["binds"]] == ["up"], what="bind listed")
+    assert len(refs(a, "bind")) == 1
     proc = a.metac("net", "unbind", "1")
-    assert proc.stdout.startswith("released bind p1 <-> p2") and "metac ref rm" in proc.stderr, \
+    assert proc.stdout.startswith("released bind p1 <-> p2 and revoked its refs"), \
         (proc.stdout, proc.stderr, net_log(a)[-3000:])
     assert a.links() == before, net_log(a)[-3000:]
+    # Its ref is gone: not listed, and restoring it fails.
+    assert refs(a, "bind") == []
+    gone = a.metac("ref", "show", bind_ref, check=False)
+    assert gone.returncode == 3 and "NotFound" in gone.stderr, gone.stderr
+    gone = a.metac("net", "unbind", bind_ref, check=False)
+    assert gone.returncode == 3 and "NotFound" in gone.stderr, gone.stderr
     a.stop()
     a.start()
     time.sleep(1)
@@ -101,9 +131,7 @@ def test_killed_service_leaves_nothing_after_its_restart(nodes_factory) -> None:
     a, b = nodes_factory(2)
     container(a, "ca", dev="port0", addr="192.168.83.1")
     before = {a.name: a.links(), b.name: b.links()}
-    ref = a.metac("net", "export", "local:port0").stdout.strip()
-    bind = b.popen("net", "bind", ref, "newlocal:remote0")
-    assert bind.stdout is not None and bind.stdout.readline().startswith("bound ")
+    bind = start_bind(b, export(a, "port0"), "newlocal:remote0")
     # A leftover of some earlier crash, and a link that is not ours.
     b.host.run(["ip", "link", "add", "mcbdeadbeef0001", "type", "bridge"])
     b.host.run(["ip", "link", "set", "mcbdeadbeef0001", "alias",
@@ -141,10 +169,7 @@ def test_foreground_bind_follows_its_peer(nodes_factory) -> None:
     a, b = nodes_factory(2)
     ca = container(a, "ca", dev="port0", addr="192.168.85.1")
     before = {a.name: a.links(), b.name: b.links()}
-    ref = a.metac("net", "export", "local:port0").stdout.strip()
-    bind = b.popen("net", "bind", ref, "newlocal:remote0")
-    assert bind.stdout is not None and bind.stdout.readline().startswith("bound ")
-    b.host.run(["ip", "addr", "add", "192.168.85.2/24", "dev", "remote0"])
+    bind = bind_new(b, export(a, "port0"), "remote0", "192.168.85.2")
     ping_ok(ca, "192.168.85.2")
 
     # A's net service dies: B re-establishes the tunnel (A's refs are still valid).

@@ -9,11 +9,15 @@ so a bind across the two "nodes" keeps the capability it was given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
+import secrets
+import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,11 +26,15 @@ import capnp
 import pytest
 
 from metac import errors
+from metac.codec.refs import SturdyRef
+from metac.core.client import ref_to_struct
+from metac.core.service import Description
+from metac.net.binds import restore_bind
 from metac.net.devices import KeepList
 from metac.net.firewall import Firewall, find_nft
 from metac.net.links import Netlink
 from metac.net.ports import PortPool
-from metac.net.service import NetworkAdminServer
+from metac.net.service import BindHolderServer, NetworkAdminServer
 from metac.net.state import Net
 from metac.schema.load import core, network
 from metac.testing.netns import Host, Topology
@@ -34,12 +42,32 @@ from metac.testing.netns import Host, Topology
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
 
-class FakeContext:
-    """The parts of ServiceContext the network service uses, without a node."""
+class FakePersistence:
+    """Refs of in-process objects, shared by the fake contexts of a test's "nodes"."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self) -> None:
+        self.refs: dict[bytes, dict[str, Any]] = {}  # secret -> the object and how it was made
+        self.forgotten: list[str] = []
+
+    def made(self, category: str, *, persistent: bool = True) -> list[dict[str, Any]]:
+        return [r for r in self.refs.values()
+                if r["category"] == category and r["persistent"] == persistent]
+
+    async def restore(self, ref: SturdyRef, interface: Any = None) -> Any:
+        made = self.refs.get(ref.secret_bytes)
+        if made is None:
+            raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+        return made["cap"].cast_as(interface) if interface is not None else made["cap"]
+
+
+class FakeContext:
+    """The parts of ServiceContext the network service uses, without a node (and without
+    persistence unless given a ``FakePersistence``)."""
+
+    def __init__(self, host: Host, persistence: FakePersistence | None = None) -> None:
         self.env = SimpleNamespace(node_address=host.ipv4, node_port=901)
-        self.pool = SimpleNamespace()
+        self.persistence = persistence
+        self.pool = persistence or SimpleNamespace()
 
     def node_address(self) -> Any:
         addr = core.NodeAddress.new_message()
@@ -47,15 +75,46 @@ class FakeContext:
         addr.port = 0
         return addr
 
-    async def create_ref(self, *args: Any, **kwargs: Any) -> Any:
-        raise errors.Unsupported("no persistence in this test")
+    async def create_ref(self, obj: Any, desc: Description, runtime_id: str, group: Any,
+                         persistent: bool) -> Any:
+        if self.persistence is None:
+            raise errors.Unsupported("no persistence in this test")
+        secret = secrets.token_bytes(24)
+        self.persistence.refs[secret] = {"cap": obj, "category": desc.category,
+                                         "data": desc.data, "runtime_id": runtime_id,
+                                         "persistent": bool(persistent)}
+        return ref_to_struct(SturdyRef.from_parts(self.env.node_address, None, "net", secret))
+
+    async def forget(self, runtime_id: str) -> int:
+        assert self.persistence is not None
+        self.persistence.forgotten.append(runtime_id)
+        gone = [k for k, r in self.persistence.refs.items() if r["runtime_id"] == runtime_id]
+        for secret in gone:
+            del self.persistence.refs[secret]
+        return len(gone)
 
 
-def make_net(host: Host, tmp: Path) -> Net:
-    return Net(ctx=FakeContext(host), netlink=Netlink(netns=host.netns),
+def make_net(host: Host, tmp: Path, persistence: FakePersistence | None = None) -> Net:
+    return Net(ctx=FakeContext(host, persistence), netlink=Netlink(netns=host.netns),
                firewall=Firewall(find_nft(), prefix=host.nsenter_prefix),
                ports=PortPool(20000, 20999), keep=KeepList(str(tmp / host.name / "keep.json")),
                node_ip=host.ipv4)
+
+
+@contextlib.asynccontextmanager
+async def serving(host: Host, tmp: Path, persistence: FakePersistence | None = None
+                  ) -> AsyncIterator[tuple[Net, Any]]:
+    """A ``Net`` for ``host`` and its ``NetworkServiceAdmin``; the ``Net`` is closed after."""
+    net = make_net(host, tmp, persistence)
+    try:
+        yield net, network.NetworkServiceAdmin._new_client(NetworkAdminServer(net.ctx, net))
+    finally:
+        await net.aclose()
+
+
+def add_port(host: Host) -> None:
+    """An existing interface ``port0`` on ``host`` (a veth; its other end is ``port0u``)."""
+    host.run(["ip", "link", "add", "port0", "type", "veth", "peer", "name", "port0u"])
 
 
 def ip_json(host: Host, *args: str) -> list[dict[str, Any]]:
@@ -113,9 +172,7 @@ def test_interfaces_create_rename_list_destroy(two_hosts, tmp_path: Path) -> Non
     before = link_names(a)
 
     async def main() -> None:
-        net = make_net(a, tmp_path)
-        try:
-            admin = network.NetworkServiceAdmin._new_client(NetworkAdminServer(FakeContext(a), net))
+        async with serving(a, tmp_path) as (_, admin):
             ns = admin.rootNamespace().ns
             iface = (await ns.createInterface("x0")).iface
             assert (await iface.getName()).name == "x0"
@@ -158,8 +215,6 @@ def test_interfaces_create_rename_list_destroy(two_hosts, tmp_path: Path) -> Non
             del kept
             gc.collect()
             await wait_for(lambda: "z0" not in link_names(a))
-        finally:
-            await net.aclose()
 
     run(main())
     assert link_names(a) == before
@@ -170,9 +225,7 @@ def test_local_bind_bridges_two_interfaces(two_hosts, tmp_path: Path) -> None:
     before = link_names(a)
 
     async def main() -> None:
-        net = make_net(a, tmp_path)
-        try:
-            admin = network.NetworkServiceAdmin._new_client(NetworkAdminServer(FakeContext(a), net))
+        async with serving(a, tmp_path) as (_, admin):
             ns = admin.rootNamespace().ns
             one = (await ns.createInterface("one")).iface
             two = (await ns.createInterface("two")).iface
@@ -203,8 +256,6 @@ def test_local_bind_bridges_two_interfaces(two_hosts, tmp_path: Path) -> None:
             await asyncio.wait_for(waiter, 5)
             assert not ip_json(a, "link", "show", "type", "bridge")
             assert len((await admin.listBinds()).binds) == 0
-        finally:
-            await net.aclose()
 
     run(main())
     assert link_names(a) == before
@@ -212,18 +263,14 @@ def test_local_bind_bridges_two_interfaces(two_hosts, tmp_path: Path) -> None:
 
 def test_bind_across_namespaces_builds_protected_vxlan(two_hosts, tmp_path: Path) -> None:
     a, b = two_hosts
-    a.run(["ip", "link", "add", "port0", "type", "veth", "peer", "name", "port0u"])
+    add_port(a)
     a.run(["ip", "addr", "add", "192.168.66.1/24", "dev", "port0u"])
     a.run(["ip", "link", "set", "port0u", "up"])
     before = {a.name: link_names(a), b.name: link_names(b)}
 
     async def main() -> None:
-        net_a, net_b = make_net(a, tmp_path), make_net(b, tmp_path)
-        try:
-            admin_a = network.NetworkServiceAdmin._new_client(
-                NetworkAdminServer(FakeContext(a), net_a))
-            admin_b = network.NetworkServiceAdmin._new_client(
-                NetworkAdminServer(FakeContext(b), net_b))
+        async with (serving(a, tmp_path) as (_, admin_a),
+                    serving(b, tmp_path) as (_, admin_b)):
             port0 = (await admin_a.rootNamespace().ns.getInterface("port0").iface.l2Interface()).iface
             remote0 = (await admin_b.rootNamespace().ns.createInterface("remote0")).iface
             holder = (await remote0.bindTo(port0)).holder
@@ -259,9 +306,6 @@ def test_bind_across_namespaces_builds_protected_vxlan(two_hosts, tmp_path: Path
             await holder.release()
             await wait_for(lambda: not ip_json(a, "link", "show", "type", "vxlan"))
             assert "metac_net" not in nft_text(a) and "metac_net" not in nft_text(b)
-        finally:
-            await net_b.aclose()
-            await net_a.aclose()
 
     run(main())
     assert {a.name: link_names(a), b.name: link_names(b)} == before
@@ -269,16 +313,12 @@ def test_bind_across_namespaces_builds_protected_vxlan(two_hosts, tmp_path: Path
 
 def test_peer_releasing_its_end_ends_the_bind(two_hosts, tmp_path: Path) -> None:
     a, b = two_hosts
-    a.run(["ip", "link", "add", "port0", "type", "veth", "peer", "name", "port0u"])
+    add_port(a)
     before_b = link_names(b)
 
     async def main() -> None:
-        net_a, net_b = make_net(a, tmp_path), make_net(b, tmp_path)
-        try:
-            admin_a = network.NetworkServiceAdmin._new_client(
-                NetworkAdminServer(FakeContext(a), net_a))
-            admin_b = network.NetworkServiceAdmin._new_client(
-                NetworkAdminServer(FakeContext(b), net_b))
+        async with (serving(a, tmp_path) as (_, admin_a),
+                    serving(b, tmp_path) as (_, admin_b)):
             port0 = admin_a.rootNamespace().ns.getInterface("port0").iface
             remote0 = (await admin_b.rootNamespace().ns.createInterface("remote0")).iface
             holder = (await remote0.bindTo(port0)).holder
@@ -287,9 +327,6 @@ def test_peer_releasing_its_end_ends_the_bind(two_hosts, tmp_path: Path) -> None
             await asyncio.wait_for(holder.cast_as(network.WaitableHolder).wait(), 10)
             await wait_for(lambda: not ip_json(b, "link", "show", "type", "vxlan"))
             assert len((await admin_b.listBinds()).binds) == 0
-        finally:
-            await net_b.aclose()
-            await net_a.aclose()
 
     run(main())
     assert link_names(b) == before_b
@@ -297,12 +334,10 @@ def test_peer_releasing_its_end_ends_the_bind(two_hosts, tmp_path: Path) -> None
 
 def test_setup_vxlan_and_bind_refuse_bad_input(two_hosts, tmp_path: Path) -> None:
     a, b = two_hosts
-    a.run(["ip", "link", "add", "port0", "type", "veth", "peer", "name", "port0u"])
+    add_port(a)
 
     async def main() -> None:
-        net = make_net(a, tmp_path)
-        try:
-            admin = network.NetworkServiceAdmin._new_client(NetworkAdminServer(FakeContext(a), net))
+        async with serving(a, tmp_path) as (_, admin):
             ns = admin.rootNamespace().ns
             port0 = (await ns.getInterface("port0")).iface
             peer = {"ip": b.ipv4, "port": 0}  # only ever an address of the test's namespaces
@@ -326,8 +361,6 @@ def test_setup_vxlan_and_bind_refuse_bad_input(two_hosts, tmp_path: Path) -> Non
             assert "node address" in str(info.value)
             assert not ip_json(a, "link", "show", "type", "vxlan")
             assert not ip_json(a, "link", "show", "type", "bridge")
-        finally:
-            await net.aclose()
 
     run(main())
     assert "metac_net" not in nft_text(a)
@@ -344,18 +377,15 @@ time.sleep(120)
 
 def test_a_port_some_process_holds_is_skipped(two_hosts, tmp_path: Path) -> None:
     a, b = two_hosts
-    a.run(["ip", "link", "add", "port0", "type", "veth", "peer", "name", "port0u"])
+    add_port(a)
     squatter = a.popen([sys.executable, "-c", HOLD_UDP_PORT, "20000"], stdout=subprocess.PIPE,
                        text=True)
     try:
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == "bound"
 
         async def main() -> None:
-            net = make_net(a, tmp_path)
-            net.ports = PortPool(20000, 20001)  # two ports; 20000 is taken
-            try:
-                admin = network.NetworkServiceAdmin._new_client(
-                    NetworkAdminServer(FakeContext(a), net))
+            async with serving(a, tmp_path) as (net, admin):
+                net.ports = PortPool(20000, 20001)  # two ports; 20000 is taken
                 port0 = admin.rootNamespace().ns.getInterface("port0").iface
                 for _ in range(3):  # whichever it tries first, it ends on 20001
                     res = await port0.setupVxlan(remote={"ip": b.ipv4, "port": 0},
@@ -366,10 +396,61 @@ def test_a_port_some_process_holds_is_skipped(two_hosts, tmp_path: Path) -> None
                     await res.holder.release()
                     assert not ip_json(a, "link", "show", "type", "vxlan")
                 assert "udp dport 20000" not in nft_text(a)
-            finally:
-                await net.aclose()
 
         run(main())
     finally:
         squatter.kill()
         squatter.wait()
+
+
+def test_persistent_bind_reuses_its_peer_ref_and_unbind_revokes_its_refs(
+        two_hosts, tmp_path: Path) -> None:
+    a, b = two_hosts
+    add_port(a)
+    before_b = link_names(b)
+    refs = FakePersistence()
+
+    async def main() -> None:
+        async with serving(a, tmp_path, refs) as (_, admin_a):
+            port0 = (await admin_a.rootNamespace().ns.getInterface("port0").iface.l2Interface()
+                     ).iface
+            async with serving(b, tmp_path, refs) as (net_b, admin_b):
+                remote0 = (await admin_b.rootNamespace().ns.createInterface("remote0")).iface
+                holder = (await remote0.bindTo(port0)).holder
+                await holder.createSturdyRef(persistent=True)
+                (bind_ref,) = refs.made("bind")
+                (peer_ref,) = refs.made("l2iface")  # the one persistent ref of the peer
+                bind_id = bind_ref["data"]["id"]
+                assert bind_ref["runtime_id"] == f"bind-{bind_id}"
+                assert set(net_b.keep.peers) == {bind_id}  # kept outside the description
+                assert "other" not in bind_ref["data"]
+                mode = os.stat(net_b.keep.path).st_mode
+                assert stat.S_IMODE(mode) == 0o600
+            # b's service stopped: the persistent bind is down, its refs stay.
+            assert refs.forgotten == [] and len(refs.made("bind")) == 1
+            assert not ip_json(b, "link", "show", "type", "vxlan")
+            await wait_for(lambda: not ip_json(a, "link", "show", "type", "vxlan"))
+
+            # b's service starts again: the bind comes back with the same peer ref.
+            async with serving(b, tmp_path, refs) as (net_b, admin_b):
+                bind = await restore_bind(net_b, bind_ref["data"])
+                restored = BindHolderServer(net_b.ctx, net_b, bind).as_cap()
+                await wait_for(lambda bind=bind: bind.state == "up", timeout=15)
+                assert len(ip_json(a, "link", "show", "type", "vxlan")) == 1
+                assert refs.made("l2iface") == [peer_ref]  # nothing new asked of the peer
+                (row,) = (await admin_b.listBinds()).binds
+                assert (row.device, row.state, row.persistent) == ("remote0", "up", True)
+
+                # Unbinding (here by the listed holder) revokes the bind's refs for good.
+                await row.holder.release()
+                assert refs.forgotten == [f"bind-{bind_id}"] and refs.made("bind") == []
+                assert net_b.keep.peers == {}
+                await wait_for(lambda: not ip_json(a, "link", "show", "type", "vxlan"))
+                # Nothing refers to remote0 any more: it goes, and is no longer kept.
+                del restored, holder, bind, row
+                gc.collect()
+                await wait_for(lambda: "remote0" not in link_names(b))
+                assert net_b.keep.devices == set()
+
+    run(main())
+    assert link_names(b) == before_b

@@ -223,25 +223,14 @@ async def unbind(args: argparse.Namespace) -> int:
             raise errors.NotFound(f"no bind {target!r} (see `metac net ls`)")
         for b in chosen:
             await b.holder.release()
-            print(f"released {b.kind} {b.device} <-> {b.peer}")
-            if b.persistent:
-                print("its persistent ref stays valid but inert; revoke it with "
-                      "`metac ref rm` (or pass the ref to `metac net unbind`)", file=sys.stderr)
+            revoked = " and revoked its refs" if b.persistent else ""
+            print(f"released {b.kind} {b.device} <-> {b.peer}{revoked}")
     return 0
 
 
 async def _unbind_ref(ref: SturdyRef) -> int:
     async with NodePool() as pool:
         holder = await pool.restore(ref, schema.core.Holder)
-        await holder.release()
-    print("released the bind")
-    with contextlib.suppress(errors.MetacError):
-        async with connect_admin() as admin:
-            addr = (await admin.getUnprivilegedNode().node.address()).address
-            here = SturdyRef.from_parts(addr.ip, addr.port or None, "x", b"\0" * 16)
-            if (here.node, here.port) == (ref.node, ref.port):
-                padmin = await service_admin(admin, "persistence",
-                                             schema.persistence.PersistenceAdmin)
-                info = (await padmin.deleteRef(ref.secret_bytes, "")).info
-                print(f"revoked its ref {info.shortId}")
+        await holder.release()  # the bind's service also revokes its refs
+    print("released the bind and revoked its refs")
     return 0

@@ -17,6 +17,14 @@ away (restart, crash, node reboot), the local half is torn down and the bind
 is re-established with backoff, restoring ``other`` from a sturdy ref made at
 bind time (a persistent one once the bind is persistent), for as long as the
 bind's holder lives.
+
+A persistent bind keeps the persistent ref of its peer in the keep-list, not
+in its persistence description (a secret there would be stored in clear), so
+a restored bind reconnects with the same ref: it neither asks the peer for a
+new one at every start nor needs the peer to answer while it is restored.
+Undoing a bind (``unbind``, the peer releasing it, the peer gone for good)
+revokes the bind's own refs (``ServiceContext.forget``), so it does not come
+back at the next start.
 """
 
 from __future__ import annotations
@@ -114,6 +122,10 @@ class Bind:
         self.peer = other_dev.name if other_dev else ""
         self.ifname = f"mcb{bind_id}"
         self.holder: weakref.ref[Any] | None = None
+        #: The holder's sturdy refs are stored under this runtime id (stable: the
+        #: bind id is in the description, so a restored bind finds its refs again).
+        self.runtime_id = f"bind-{bind_id}"
+        self.has_refs = persistent  # a restored bind has; ending it revokes them
         self._plane: Revert | None = None
         self._remote_holder: Any = None
         self._task: asyncio.Task[Any] | None = None
@@ -139,26 +151,28 @@ class Bind:
             data["other"] = self.other_dev.describe()
         return data
 
-    def persisted_caps(self) -> list[Any]:
-        return [self.other] if self.remote else []
-
     async def make_persistent(self) -> None:
-        """Before a persistent ref is made: keep our devices and a durable ref of the peer."""
-        if self.remote and (self.other_ref is None or not self.persistent):
+        """Before a persistent ref is made: keep our devices and a persistent ref of the peer
+        (without one the bind could not be re-established after a restart: fail)."""
+        keep = self._net.keep
+        if self.remote and self.id not in keep.peers:
             try:
                 res = await asyncio.wait_for(
                     self.other.cast_as(core.Persistable).createSturdyRef(persistent=True),
                     CALL_TIMEOUT)
-                self.other_ref = ref_from_struct(res.id)
+            except TimeoutError:
+                raise errors.Unavailable("the other interface did not answer") from None
             except Exception as exc:
-                log.warning("no persistent ref of the peer of bind %s (%s); it will not be "
-                            "re-established after the peer's node restarts",
-                            self.id, errors.from_kj(exc))
+                err = errors.from_kj(exc)
+                log.warning("bind %s cannot be made persistent: no persistent ref of its "
+                            "peer (%s)", self.id, err)
+                raise err from None
+            self.other_ref = ref_from_struct(res.id)
+            keep.set_peer(self.id, self.other_ref.format())
         self.persistent = True
         for dev in (self.this, self.other_dev):
             if dev is not None and dev.owned:
-                self._net.keep.add_device(dev.id)
-        self._net.keep.add_bind(self.id)
+                keep.add_device(dev.id)
 
     # --- establishing ---
 
@@ -218,7 +232,9 @@ class Bind:
 
     # --- watching the peer ---
 
-    def start_supervising(self) -> None:
+    def activate(self) -> None:
+        """List the bind (``listBinds``) and, between nodes, watch and re-establish it."""
+        self._net.actions[self.id] = self
         if self.remote and self._task is None:
             self._task = self._net.spawn(self._supervise(), f"bind {self.id}")
 
@@ -293,7 +309,8 @@ class Bind:
     # --- ending ---
 
     async def aclose(self, *, shutdown: bool = False) -> None:
-        """Undo the bind (``shutdown``: the service stops; a persistent bind stays listed)."""
+        """Undo the bind; unless ``shutdown`` (the service stops: a persistent bind comes
+        back at the next start), for good: its refs are revoked."""
         if self._closed:
             return
         self._closed = True
@@ -303,13 +320,27 @@ class Bind:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._teardown_plane()  # also releases the peer's end
         if not shutdown:
-            self._net.keep.discard_bind(self.id)
+            await self._forget()
+        await self._teardown_plane()  # also releases the peer's end
         self.state = "released"
         log.info("unbound %s (bind %s)", self.this.name, self.id)
         if not shutdown:
             self._net.collect_soon()  # owned devices go now, not at the next periodic collection
+
+    async def _forget(self) -> None:
+        """Revoke the bind's sturdy refs (it must not come back) and drop its peer's ref."""
+        self._net.keep.discard_peer(self.id)
+        if not self.has_refs:
+            return
+        try:
+            revoked = await asyncio.wait_for(self._net.ctx.forget(self.runtime_id), CALL_TIMEOUT)
+        except Exception as exc:
+            log.error("cannot revoke the refs of bind %s (%s); it may come back at the next "
+                      "start (remove it with metac ref rm)", self.id, errors.from_kj(exc))
+            return
+        if revoked:
+            log.info("revoked %d ref(s) of bind %s", revoked, self.id)
 
 
 def _failure(exc: BaseException) -> tuple[str, bool]:
@@ -328,34 +359,30 @@ async def open_bind(net: Net, this: Device, other: Any) -> Bind:
         ref, cap = await adopt(net, other, persistent=False)
         bind = Bind(net, bind_id=bind_id, this=this, other=cap, other_ref=ref)
     await bind.establish()
-    net.actions[bind_id] = bind
-    bind.start_supervising()
+    bind.activate()
     return bind
 
 
-async def restore_bind(net: Net, data: dict[str, Any], caps: list[Any]) -> Bind | None:
-    """A persistent bind from its description; None if it was released since."""
+async def restore_bind(net: Net, data: dict[str, Any]) -> Bind:
+    """A persistent bind from its description; one between nodes is (re-)established in
+    the background, with the peer's ref from the keep-list."""
     try:
         bind_id = str(data["id"])
         this_desc = data["this"]
         other_desc = data.get("other")
     except (KeyError, TypeError):
         raise errors.InvalidArgument("corrupt bind description") from None
-    if bind_id not in net.keep.binds:
-        log.info("bind %s was released; its ref stays inert (remove it with metac ref rm)",
-                 bind_id)
-        return None
-    this = await net.devices.resolve(this_desc)
     if other_desc is not None:
+        this = await net.devices.resolve(this_desc)
         other_dev = await net.devices.resolve(other_desc)
         bind = Bind(net, bind_id=bind_id, this=this, other_dev=other_dev, persistent=True)
         await bind.establish()
     else:
-        if len(caps) != 1:
-            raise errors.InvalidArgument("a bind between nodes holds exactly one capability")
-        ref, cap = await adopt(net, caps[0], persistent=True)
-        bind = Bind(net, bind_id=bind_id, this=this, other=cap, other_ref=ref, persistent=True)
-        bind.state = "connecting"
-    net.actions[bind_id] = bind
-    bind.start_supervising()  # a remote bind is (re-)established in the background
+        peer = net.keep.peers.get(bind_id)
+        if peer is None:
+            raise errors.NotFound(f"bind {bind_id} lost the ref of its peer")
+        this = await net.devices.resolve(this_desc)
+        bind = Bind(net, bind_id=bind_id, this=this, other_ref=SturdyRef.parse(peer),
+                    persistent=True)
+    bind.activate()
     return bind

@@ -13,10 +13,13 @@ interface of its own service.
   as some capability (or bind) refers to it, and is deleted when the last
   ``Device`` object goes away or on ``destroy``.
 
-``KeepList`` (``<state>/net/keep.json``) records the owned devices and binds
-that persistent refs need after a restart: the startup sweep leaves those
-devices in place (so their addresses survive) for the restorers to adopt, and
-a restored bind that is not listed any more was released and stays inert.
+``KeepList`` (``<state>/net/keep.json``, root-only) records what persistent
+refs need after a restart and must not go into a persistence description:
+the owned devices they use (the startup sweep leaves those in place, so their
+addresses survive, for the restorers to adopt) and, for each persistent bind
+between nodes, the persistent ref of the peer's interface (a secret: the bind
+reconnects with it after a restart of either node instead of asking the peer
+for a new ref each time).
 """
 
 from __future__ import annotations
@@ -54,53 +57,54 @@ def valid_ifname(name: str) -> str:
 
 
 class KeepList:
-    """Ids of owned devices and binds that persistent refs need after a restart."""
+    """Owned devices and peers of persistent binds that persistent refs need after a restart."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.devices: set[str] = set()
-        self.binds: set[str] = set()
+        self.peers: dict[str, str] = {}  # bind id -> persistent ref of its peer
         try:
             with open(path) as f:
                 data = json.load(f)
             self.devices = {str(x) for x in data.get("devices", [])}
-            self.binds = {str(x) for x in data.get("binds", [])}
+            self.peers = {str(k): str(v) for k, v in data.get("peers", {}).items()}
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
 
-    def _save(self) -> None:
+    def _write(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"devices": sorted(self.devices), "binds": sorted(self.binds)}, f)
+            json.dump({"devices": sorted(self.devices), "peers": self.peers}, f, sort_keys=True)
         os.replace(tmp, self.path)
 
-    def _change(self, which: set[str], item: str, add: bool) -> None:
-        if (item in which) == add:
-            return
-        if add:
-            which.add(item)
-        else:
-            which.discard(item)
+    def _save(self) -> None:
         try:
-            self._save()
+            self._write()
         except OSError as exc:
             log.error("cannot save %s: %s", self.path, exc)
 
     def add_device(self, dev_id: str) -> None:
-        self._change(self.devices, dev_id, True)
+        if dev_id not in self.devices:
+            self.devices.add(dev_id)
+            self._save()
 
     def discard_device(self, dev_id: str) -> None:
-        self._change(self.devices, dev_id, False)
+        if dev_id in self.devices:
+            self.devices.discard(dev_id)
+            self._save()
 
-    def add_bind(self, bind_id: str) -> None:
-        self._change(self.binds, bind_id, True)
+    def set_peer(self, bind_id: str, ref: str) -> None:
+        if self.peers.get(bind_id) != ref:
+            self.peers[bind_id] = ref
+            self._save()
 
-    def discard_bind(self, bind_id: str) -> None:
-        self._change(self.binds, bind_id, False)
+    def discard_peer(self, bind_id: str) -> None:
+        if self.peers.pop(bind_id, None) is not None:
+            self._save()
 
 
 class Device:
@@ -249,8 +253,11 @@ def _forget_owned(net_ref: weakref.ref[Net], dev_id: str, index: int) -> None:
 
 
 async def sweep_unclaimed(net: Net, delay: float) -> None:
-    """After ``delay``, delete kept devices that no restorer adopted (their refs are gone)."""
+    """After ``delay``, forget what no restorer claimed (its refs are gone): the peers of
+    binds that were not restored, and kept devices (deleted)."""
     await asyncio.sleep(delay)
+    for bind_id in set(net.keep.peers) - set(net.actions):
+        net.keep.discard_peer(bind_id)
     claimed = net.devices.owned_ids()
     stale = net.keep.devices - claimed
     if not stale:

@@ -249,13 +249,9 @@ def delete_sync(ipr: Any, *, index: int | None = None, name: str | None = None) 
 
 def mtu_of_address_sync(ipr: Any, ip: str) -> int | None:
     """MTU of the link holding address ``ip`` (the tunnel's underlay), if any."""
-    want = ipaddress.ip_address(ip)
-    for msg in ipr.addr("dump"):
-        addr = msg.get_attr("IFA_ADDRESS")
-        if addr and ipaddress.ip_address(addr) == want:
-            link = get_link_sync(ipr, index=msg["index"])
-            return link.mtu if link else None
-    return None
+    index = index_of_address_sync(ipr, ip)
+    link = get_link_sync(ipr, index=index) if index is not None else None
+    return link.mtu if link else None
 
 
 def index_of_address_sync(ipr: Any, ip: str) -> int | None:

@@ -12,10 +12,11 @@ import logging
 import os
 import secrets
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from metac import errors
-from metac.core.holder import HolderServer, Revert
+from metac.core.holder import HolderServer
 from metac.core.rpc import Servant
 from metac.core.service import (
     Description,
@@ -45,9 +46,8 @@ class _NetPersistable(PersistableMixin):
 
     _ctx: ServiceContext
     _net: Net
-
-    def as_cap(self) -> Any:
-        raise NotImplementedError
+    #: The fully typed capability of this server (each server class defines it).
+    as_cap: Callable[[], Any]
 
     async def _prepare(self, persistent: bool) -> Description:
         raise errors.Unsupported(f"{type(self).__name__} cannot be persisted")
@@ -64,13 +64,17 @@ class _NetPersistable(PersistableMixin):
 class _DeviceMethods(_NetPersistable):
     """L2Interface methods, shared by L2Interface and KernelInterface servers."""
 
-    _dev: Device
+    #: The restorer category (``NetService.restorers``).
+    category: str
 
-    async def _describe_dev(self, persistent: bool) -> dict[str, Any]:
+    def __init__(self, ctx: ServiceContext, net: Net, dev: Device) -> None:
+        self._ctx, self._net, self._dev = ctx, net, dev
+
+    async def _prepare(self, persistent: bool) -> Description:
         await self._net.devices.refresh(self._dev)
         if persistent and self._dev.owned:
             self._net.keep.add_device(self._dev.id)
-        return {"dev": self._dev.describe()}
+        return Description(self.category, {"dev": self._dev.describe()}, active=self._dev.owned)
 
     async def setupVxlan(self, remote: Any, dstPort: int, vniNum: int, _context: Any,
                          **kwargs: Any) -> None:
@@ -97,27 +101,17 @@ class _DeviceMethods(_NetPersistable):
 class L2InterfaceServer(_DeviceMethods, network.L2Interface.Server):
     """An L2 port: can only be tunnelled or bound (what `metac net export` hands out)."""
 
-    def __init__(self, ctx: ServiceContext, net: Net, dev: Device) -> None:
-        self._ctx, self._net, self._dev = ctx, net, dev
+    category = "l2iface"
 
     def as_cap(self) -> Any:
         return network.L2Interface._new_client(self)
 
-    async def _prepare(self, persistent: bool) -> Description:
-        return Description("l2iface", await self._describe_dev(persistent),
-                           active=self._dev.owned)
-
 
 class KernelInterfaceServer(_DeviceMethods, network.KernelInterface.Server):
-    def __init__(self, ctx: ServiceContext, net: Net, dev: Device) -> None:
-        self._ctx, self._net, self._dev = ctx, net, dev
+    category = "kiface"
 
     def as_cap(self) -> Any:
         return network.KernelInterface._new_client(self)
-
-    async def _prepare(self, persistent: bool) -> Description:
-        return Description("kiface", await self._describe_dev(persistent),
-                           active=self._dev.owned)
 
     async def getName(self, **kwargs: Any) -> str:
         return (await self._net.devices.refresh(self._dev)).name
@@ -168,15 +162,8 @@ class KernelNetworkNamespaceServer(_NetPersistable, network.KernelNetworkNamespa
         _context.results.iface = self._iface(await self._net.devices.open(name))
 
 
-class TunnelHolderServer(HolderServer, network.WaitableHolder.Server):
-    """Holder of a tunnel end made by setupVxlan (held by the node that called it)."""
-
-    def __init__(self, tunnel: TunnelEnd | None) -> None:
-        revert = Revert()
-        if tunnel is not None:
-            revert.add(tunnel.aclose, f"tunnel end {tunnel.id}")
-            tunnel.holder = weakref.ref(self)
-        super().__init__(revert, f"tunnel end {tunnel.id if tunnel else '(none)'}")
+class _WaitableHolder(HolderServer, network.WaitableHolder.Server):
+    """A holder whose ``wait()`` returns when the action is undone."""
 
     def as_cap(self) -> Any:
         return network.WaitableHolder._new_client(self)
@@ -185,29 +172,31 @@ class TunnelHolderServer(HolderServer, network.WaitableHolder.Server):
         await self.released.wait()
 
 
-class BindHolderServer(_NetPersistable, HolderServer, network.WaitableHolder.Server):
-    """Holder of a bind; persistent binds are re-established when the service starts."""
+class TunnelHolderServer(_WaitableHolder):
+    """Holder of a tunnel end made by setupVxlan (held by the node that called it)."""
+
+    def __init__(self, tunnel: TunnelEnd) -> None:
+        tunnel.holder = weakref.ref(self)
+        super().__init__(tunnel.aclose, f"tunnel end {tunnel.id}")
+
+
+class BindHolderServer(_NetPersistable, _WaitableHolder):
+    """Holder of a bind; persistent binds are re-established when the service starts.
+    Undoing the bind (not a shutdown) revokes the holder's refs."""
 
     def __init__(self, ctx: ServiceContext, net: Net, bind: Bind) -> None:
         self._ctx, self._net, self._bind = ctx, net, bind
-        revert = Revert()
-        revert.add(bind.aclose, f"bind {bind.id}")
+        self._runtime_id = bind.runtime_id
         bind.holder = weakref.ref(self)
-        HolderServer.__init__(self, revert, f"bind {bind.id}")
-
-    def as_cap(self) -> Any:
-        return network.WaitableHolder._new_client(self)
+        _WaitableHolder.__init__(self, bind.aclose, f"bind {bind.id}")
 
     async def _prepare(self, persistent: bool) -> Description:
         if not self.active:
             raise errors.FailedPrecondition("the bind was released")
         if persistent:
             await self._bind.make_persistent()
-        return Description("bind", self._bind.describe(), caps=self._bind.persisted_caps(),
-                           active=True)
-
-    async def wait(self, **kwargs: Any) -> None:
-        await self.released.wait()
+        self._bind.has_refs = True
+        return Description("bind", self._bind.describe(), active=True)
 
 
 class NetworkAdminServer(Servant, network.NetworkServiceAdmin.Server):
@@ -228,13 +217,6 @@ class NetworkAdminServer(Servant, network.NetworkServiceAdmin.Server):
             for key in ("kind", "ifname", "peer", "device", "state", "persistent"):
                 setattr(out[i], key, info[key])
             out[i].holder = holder
-
-
-async def _released_holder() -> Any:
-    """What the ref of a bind released since it was made persistent restores to."""
-    holder = TunnelHolderServer(None)
-    await holder.close()
-    return holder.as_cap()
 
 
 class NetService(ServiceDefinition):
@@ -272,7 +254,7 @@ class NetService(ServiceDefinition):
             await net.firewall.reset()
         except errors.MetacError as exc:
             log.error("resetting the packet filter failed: %s", exc)
-        if keep.devices:
+        if keep.devices or keep.peers:
             net.spawn(sweep_unclaimed(net, KEEP_GRACE), "sweep unclaimed interfaces")
 
     def admin(self) -> Any:
@@ -290,22 +272,21 @@ class NetService(ServiceDefinition):
 
     async def _restore_kiface(self, ctx: ServiceContext, data: dict[str, Any],
                               caps: list[Any]) -> Any:
-        net = self._state()
-        return KernelInterfaceServer(ctx, net, await net.devices.resolve(data.get("dev", {})))\
-            .as_cap()
+        return await self._restore_device(KernelInterfaceServer, ctx, data)
 
     async def _restore_l2iface(self, ctx: ServiceContext, data: dict[str, Any],
                                caps: list[Any]) -> Any:
+        return await self._restore_device(L2InterfaceServer, ctx, data)
+
+    async def _restore_device(self, server: type[_DeviceMethods], ctx: ServiceContext,
+                              data: dict[str, Any]) -> Any:
         net = self._state()
-        return L2InterfaceServer(ctx, net, await net.devices.resolve(data.get("dev", {}))).as_cap()
+        return server(ctx, net, await net.devices.resolve(data.get("dev", {}))).as_cap()
 
     async def _restore_bind(self, ctx: ServiceContext, data: dict[str, Any],
                             caps: list[Any]) -> Any:
         net = self._state()
-        bind = await restore_bind(net, data, caps)
-        if bind is None:
-            return await _released_holder()
-        return BindHolderServer(ctx, net, bind).as_cap()
+        return BindHolderServer(ctx, net, await restore_bind(net, data)).as_cap()
 
 
 def main() -> None:

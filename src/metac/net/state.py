@@ -15,6 +15,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from metac.core.tasks import TaskSet
 from metac.net import links
 from metac.net.devices import DeviceTable, KeepList
 from metac.net.firewall import Firewall
@@ -51,23 +52,11 @@ class Net:
         self.devices = DeviceTable(self)
         self.actions: dict[str, Action] = {}
         self.closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, owned by this object (cancelled by ``aclose``)."""
-        task = asyncio.get_running_loop().create_task(self._logged(coro, name), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @staticmethod
-    async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("background task %s failed", name)
+        return self._tasks.spawn(coro, name, log_errors=True)
 
     def collect_soon(self) -> None:
         """Collect right after the current step (a released bind's cycles, owned devices)."""
@@ -98,9 +87,7 @@ class Net:
             except Exception:
                 log.exception("tearing down %s failed", action.id)
         self.closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         with contextlib.suppress(Exception):
             await self.devices.delete_unkept()
         with contextlib.suppress(Exception):
