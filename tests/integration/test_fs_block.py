@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fs_support import node_pair, our_loops
 
-from metac.fs.kernel import loop_devices
 from metac.testing.nodes import NodeHost, assert_no_leaks, metac_argv, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
@@ -21,26 +21,14 @@ MiB = 1 << 20
 
 @pytest.fixture
 def pair(nodes_factory, tmp_path: Path):
-    a, b = nodes_factory(2)
-    export = tmp_path / "export"
-    mnt = tmp_path / "mnt"
-    export.mkdir()
-    mnt.mkdir()
-    for node in (a, b):
-        node.track_mount_root(tmp_path)
-    yield a, b, export, mnt
-    # A failed test may leave an attachment: its loop device would outlive the nodes.
-    for dev, backing in loop_devices().items():
-        if backing.startswith(str(b.root)) or backing.startswith(str(a.root)):
-            subprocess.run(["losetup", "-d", dev], check=False)
+    with node_pair(nodes_factory, tmp_path) as (a, b, export):
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        yield a, b, export, mnt
 
 
 def attachments(node: NodeHost) -> list[dict]:
     return json.loads(node.metac("block", "ls", "--json").stdout)
-
-
-def our_loops(node: NodeHost) -> set[str]:
-    return {dev for dev, backing in loop_devices().items() if backing.startswith(str(node.root))}
 
 
 def test_block_attach_mkfs_mount_write_read_detach(pair) -> None:

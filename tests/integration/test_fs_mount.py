@@ -9,10 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fs_support import eventually, node_pair
 
 from metac.fs import kernel
 from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
@@ -20,17 +20,6 @@ from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
 MiB = 1 << 20
-
-
-def eventually(cond: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 def pattern_chunks(seed: bytes, size: int, chunk: int = 4 * MiB):
@@ -75,16 +64,12 @@ def mounts(node: NodeHost) -> list[dict]:
 
 @pytest.fixture
 def pair(nodes_factory, tmp_path: Path):
-    a, b = nodes_factory(2)
-    export = tmp_path / "export"
-    mnt = tmp_path / "mnt"
-    export.mkdir()
-    mnt.mkdir()
-    for node in (a, b):
-        node.track_mount_root(tmp_path)
-    yield a, b, export, mnt
-    for big in export.glob("big*"):
-        big.unlink()
+    with node_pair(nodes_factory, tmp_path) as (a, b, export):
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        yield a, b, export, mnt
+        for big in export.glob("big*"):
+            big.unlink()
 
 
 def test_mount_file_operations_and_clean_umount(pair) -> None:

@@ -10,34 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
+from fs_support import eventually, node_pair
 
 from metac.fs.kernel import loop_devices
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
 
-def eventually(cond, timeout: float = 60.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def pair(nodes_factory, tmp_path: Path):
-    a, b = nodes_factory(2)
-    export = tmp_path / "export"
-    export.mkdir()
-    for node in (a, b):
-        node.track_mount_root(tmp_path)
-    yield a, b, export, tmp_path
-    for dev, backing in loop_devices().items():
-        if backing.startswith(str(b.root)):
-            subprocess.run(["losetup", "-d", dev], check=False)
+    with node_pair(nodes_factory, tmp_path) as (a, b, export):
+        yield a, b, export, tmp_path
 
 
 def test_persistent_exports_survive_a_restart_of_their_node(pair) -> None:
@@ -139,4 +122,69 @@ def test_a_crash_leaves_nothing_after_the_next_start(pair) -> None:
     assert [m["path"] for m in json.loads(b.metac("fs", "ls", "--json").stdout)] == [str(kept)]
     assert not [d for d, f in loop_devices().items() if f.startswith(str(b.root))]
     b.metac("fs", "umount", str(kept))
+    assert not [m for m in b.mounts() if m.startswith(str(tmp))]
+
+
+def fs_refs(node, category: str) -> list[dict]:
+    return [r for r in json.loads(node.metac("ref", "ls", "--json").stdout)
+            if r["service"] == "fs" and r["category"] == category]
+
+
+def test_revoking_persistent_mounts_with_ref_rm_leaves_nothing_behind(pair) -> None:
+    a, b, export, tmp = pair
+    (export / "f").write_text("x")
+    image = export / "disk.img"
+    image.write_bytes(b"\2" * (1 << 20))
+    fs_ref = a.metac("fs", "export", "--persistent", f"local:{export}").stdout.strip()
+    block_ref = a.metac("block", "export", "--persistent", f"local:{image}").stdout.strip()
+    local_dir = tmp / "local"
+    local_dir.mkdir()
+    (local_dir / "g").write_text("y")
+    remote, local = tmp / "remote", tmp / "bind"
+    for d in (remote, local):
+        d.mkdir()
+    b.metac("fs", "mount", "--persistent", fs_ref, str(remote))
+    b.metac("fs", "mount", "--persistent", f"local:{local_dir}", str(local))
+    device = b.metac("block", "attach", "--persistent", block_ref).stdout.strip()
+    assert all(m["persistent"] for m in json.loads(b.metac("fs", "ls", "--json").stdout))
+    state_dir = b.state_dir / "fs"
+    assert sorted(os.listdir(state_dir)) == ["persistent.key", "records"]
+    assert oct(os.stat(state_dir / "persistent.key").st_mode & 0o777) == "0o600"
+
+    # Revoke every ref of the three holders directly, not through umount/detach.
+    revoked = fs_refs(b, "mount") + fs_refs(b, "attachment")
+    assert len(revoked) == 3
+    for r in revoked:
+        b.metac("ref", "rm", r["id"])
+    # They stay for this run (revoking a ref does not undo the action)...
+    assert (remote / "f").read_text() == "x" and (local / "g").read_text() == "y"
+    # ...and can still be undone: umount forgets refs that are already gone.
+    b.metac("fs", "umount", str(local))
+    assert not (local / "g").exists()
+
+    b.stop()
+    b.start()
+    time.sleep(3)  # time enough for an active object to be restored, were one left
+    assert json.loads(b.metac("fs", "ls", "--json").stdout) == []
+    assert json.loads(b.metac("block", "ls", "--json").stdout) == []
+    assert not [m for m in b.mounts() if m.startswith(str(tmp))], b.mounts()
+    assert not [d for d, f in loop_devices().items() if f.startswith(str(b.root))]
+    assert fs_refs(b, "mount") == [] and fs_refs(b, "attachment") == []
+    assert sorted(os.listdir(state_dir)) == ["persistent.key", "records"]
+    assert os.listdir(state_dir / "records") == []
+    log = b.log_text()
+    assert "cannot restore" not in log and "Traceback" not in log, log[-3000:]
+
+    # The same paths can be mounted and attached again, persistently, and undone for good.
+    b.metac("fs", "mount", "--persistent", fs_ref, str(remote))
+    device = b.metac("block", "attach", "--persistent", block_ref).stdout.strip()
+    assert len(fs_refs(b, "mount")) == 1 and len(fs_refs(b, "attachment")) == 1
+    b.metac("fs", "umount", str(remote))
+    b.metac("block", "detach", device)
+    assert fs_refs(b, "mount") == [] and fs_refs(b, "attachment") == []
+    b.stop()
+    b.start()
+    time.sleep(3)
+    assert json.loads(b.metac("fs", "ls", "--json").stdout) == []
+    assert json.loads(b.metac("block", "ls", "--json").stdout) == []
     assert not [m for m in b.mounts() if m.startswith(str(tmp))]

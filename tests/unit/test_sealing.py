@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from metac.persistence import sealing
-from metac.persistence.sealing import KEY_BYTES, NONCE_BYTES, TAG_BYTES, SealError, seal, unseal
+from metac.core import sealing
+from metac.core.sealing import KEY_BYTES, NONCE_BYTES, TAG_BYTES, SealError, seal, unseal
 
 KEY = bytes(range(KEY_BYTES))
 OTHER_KEY = bytes(reversed(range(KEY_BYTES)))

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from metac import errors
@@ -37,15 +38,19 @@ def _persistent(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--persistent", action="store_true", help=f"{what} survives node restarts")
 
 
+def _add_export(s: Any, what: str, read_only: str | None, resource: str, func: Any) -> None:
+    ex = s.add_parser("export", help=f"print a sturdy ref to {what}")
+    _persistent(ex, "the ref")
+    ex.add_argument("--read-only", action="store_true", help=read_only)
+    ex.add_argument("resource", help=f"{resource} or a ref to re-export")
+    ex.set_defaults(func=func)
+
+
 def _register_fs(sub: Any) -> None:
     p = sub.add_parser("fs", help="share directories; mount them (9p or sshfs)")
     s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
-    ex = s.add_parser("export", help="print a sturdy ref to a directory")
-    _persistent(ex, "the ref")
-    ex.add_argument("--read-only", action="store_true", help="a read-only view")
-    ex.add_argument("resource", help="local:/PATH or a ref to re-export")
-    ex.set_defaults(func=fs_export)
+    _add_export(s, "a directory", "a read-only view", "local:/PATH", fs_export)
 
     mo = s.add_parser("mount", help="mount a directory (of any node) here; returns once mounted")
     _persistent(mo, "the mount (re-established when this node restarts)")
@@ -78,11 +83,7 @@ def _register_file(sub: Any) -> None:
     p = sub.add_parser("file", help="share single files; copy them")
     s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
-    ex = s.add_parser("export", help="print a sturdy ref to a file (it need not exist yet)")
-    _persistent(ex, "the ref")
-    ex.add_argument("--read-only", action="store_true")
-    ex.add_argument("resource", help="local:/PATH or a ref to re-export")
-    ex.set_defaults(func=file_export)
+    _add_export(s, "a file (it need not exist yet)", None, "local:/PATH", file_export)
 
     cat = s.add_parser("cat", help="copy a file to stdout")
     cat.add_argument("resource", help="local:/PATH or ref://…")
@@ -98,11 +99,8 @@ def _register_block(sub: Any) -> None:
     p = sub.add_parser("block", help="share disk images; attach them as block devices")
     s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
-    ex = s.add_parser("export", help="print a sturdy ref to a disk image as a block device")
-    _persistent(ex, "the ref")
-    ex.add_argument("--read-only", action="store_true", help="the device refuses writes")
-    ex.add_argument("resource", help="local:/PATH/disk.img or a ref to re-export")
-    ex.set_defaults(func=block_export)
+    _add_export(s, "a disk image as a block device", "the device refuses writes",
+                "local:/PATH/disk.img", block_export)
 
     at = s.add_parser("attach", help="attach a block device here; prints the device path")
     _persistent(at, "the attachment")
@@ -183,22 +181,64 @@ class Resources:
         return cap, await self.node_address()
 
 
-async def _print_ref(cap: Any, persistent: bool) -> int:
-    async with rpc_errors():
-        res = await cap.cast_as(schema.core.Persistable).createSturdyRef(persistent=persistent)
+async def _print_ref(args: argparse.Namespace, interface: Any,
+                     derive: Callable[[Any], Any] = lambda cap: cap) -> int:
+    """Print a sturdy ref to ``derive(capability of args.resource)``."""
+    async with contextlib.AsyncExitStack() as stack:
+        cap, _ = await Resources(stack).resolve(args.resource, interface)
+        async with rpc_errors():
+            res = await derive(cap).cast_as(schema.core.Persistable).createSturdyRef(
+                persistent=args.persistent)
     print(ref_from_struct(res.id).format())
+    return 0
+
+
+def _exporter(interface: Any, field: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    """`metac fs|file|block export`; ``field`` names what ``readOnly()`` returns."""
+
+    async def export(args: argparse.Namespace) -> int:
+        return await _print_ref(args, interface, lambda cap: (
+            getattr(cap.readOnly(), field) if args.read_only else cap))
+
+    return export
+
+
+async def _list(res: Resources, what: str) -> Any:
+    """The mounts or the block attachments of this node's fs service."""
+    fs_admin = await res.fs_admin()
+    async with rpc_errors():
+        if what == "mounts":
+            return (await fs_admin.rootNamespace().ns.listMounts()).mounts
+        return (await fs_admin.listBlockAttachments()).attachments
+
+
+async def _release(what: str, match: Callable[[Any], bool], done: Callable[[Any], str]) -> bool:
+    """Release the holder of the first of ``what`` that matches; False if none does."""
+    async with contextlib.AsyncExitStack() as stack:
+        for item in await _list(Resources(stack), what):
+            if match(item):
+                async with rpc_errors():
+                    await item.holder.release()
+                print(done(item))
+                return True
+    return False
+
+
+async def _show(args: argparse.Namespace, what: str, row: Callable[[Any], dict[str, Any]],
+                columns: list[str]) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        rows = [row(item) for item in await _list(Resources(stack), what)]
+    if args.json:
+        as_json(rows)
+    else:
+        table(rows, columns)
     return 0
 
 
 # --- fs ---------------------------------------------------------------------------------------
 
 
-async def fs_export(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        fs, _ = await Resources(stack).resolve(args.resource, schema.fs.Filesystem)
-        if args.read_only:
-            fs = fs.readOnly().fs
-        return await _print_ref(fs, args.persistent)
+fs_export = _exporter(schema.fs.Filesystem, "fs")
 
 
 async def fs_mount(args: argparse.Namespace) -> int:
@@ -223,51 +263,29 @@ async def fs_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _mounts(res: Resources) -> Any:
-    async with rpc_errors():
-        return (await (await res.fs_admin()).rootNamespace().ns.listMounts()).mounts
-
-
 async def fs_umount(args: argparse.Namespace) -> int:
     wanted = {os.path.normpath(os.path.abspath(args.path)), os.path.realpath(args.path)}
-    async with contextlib.AsyncExitStack() as stack:
-        for m in await _mounts(Resources(stack)):
-            if m.path in wanted:
-                async with rpc_errors():
-                    await m.holder.release()
-                print(f"unmounted {m.path}")
-                return 0
+    if await _release("mounts", lambda m: m.path in wanted, lambda m: f"unmounted {m.path}"):
+        return 0
     raise errors.NotFound(f"{args.path}: not a mount made by `metac fs mount`")
 
 
 async def fs_ls(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        rows = [{"path": m.path, "method": m.method, "source": m.source, "state": m.state,
-                 "persistent": bool(m.persistent), "read_only": bool(m.readOnly)}
-                for m in await _mounts(Resources(stack))]
-    if args.json:
-        as_json(rows)
-    else:
-        table(rows, ["path", "method", "source", "state", "persistent", "read_only"])
-    return 0
+    return await _show(args, "mounts", lambda m: {
+        "path": m.path, "method": m.method, "source": m.source, "state": m.state,
+        "persistent": bool(m.persistent), "read_only": bool(m.readOnly)},
+        ["path", "method", "source", "state", "persistent", "read_only"])
 
 
 async def fs_stream(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        fs, _ = await Resources(stack).resolve(args.resource, schema.fs.Filesystem)
-        stream = fs.v9fsStream().stream if args.protocol == "9p" else fs.sftpStream().stream
-        return await _print_ref(stream, args.persistent)
+    return await _print_ref(args, schema.fs.Filesystem, lambda fs: (
+        fs.v9fsStream().stream if args.protocol == "9p" else fs.sftpStream().stream))
 
 
 # --- file -------------------------------------------------------------------------------------
 
 
-async def file_export(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        f, _ = await Resources(stack).resolve(args.resource, schema.fs.File)
-        if args.read_only:
-            f = f.readOnly().file
-        return await _print_ref(f, args.persistent)
+file_export = _exporter(schema.fs.File, "file")
 
 
 class Progress:
@@ -346,18 +364,11 @@ async def file_put(args: argparse.Namespace) -> int:
 # --- block ------------------------------------------------------------------------------------
 
 
-async def block_export(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        dev, _ = await Resources(stack).resolve(args.resource, schema.fs.BlockDevice)
-        if args.read_only:
-            dev = dev.readOnly().device
-        return await _print_ref(dev, args.persistent)
+block_export = _exporter(schema.fs.BlockDevice, "device")
 
 
 async def block_stream(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        dev, _ = await Resources(stack).resolve(args.resource, schema.fs.BlockDevice)
-        return await _print_ref(dev.nbdSetup().stream, args.persistent)
+    return await _print_ref(args, schema.fs.BlockDevice, lambda dev: dev.nbdSetup().stream)
 
 
 async def block_attach(args: argparse.Namespace) -> int:
@@ -377,30 +388,17 @@ async def block_attach(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _attachments(res: Resources) -> Any:
-    async with rpc_errors():
-        return (await (await res.fs_admin()).listBlockAttachments()).attachments
-
-
 async def block_detach(args: argparse.Namespace) -> int:
     wanted = {args.device, os.path.realpath(args.device)}
-    async with contextlib.AsyncExitStack() as stack:
-        for a in await _attachments(Resources(stack)):
-            if a.device in wanted or (a.mountPath and a.mountPath in wanted):
-                async with rpc_errors():
-                    await a.holder.release()
-                print(f"detached {a.device or a.source}")
-                return 0
+    if await _release("attachments",
+                      lambda a: a.device in wanted or (a.mountPath and a.mountPath in wanted),
+                      lambda a: f"detached {a.device or a.source}"):
+        return 0
     raise errors.NotFound(f"{args.device}: not attached with `metac block attach`")
 
 
 async def block_ls(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        rows = [{"device": a.device, "mount": a.mountPath, "method": a.method,
-                 "source": a.source, "state": a.state, "persistent": bool(a.persistent),
-                 "read_only": bool(a.readOnly)} for a in await _attachments(Resources(stack))]
-    if args.json:
-        as_json(rows)
-    else:
-        table(rows, ["device", "mount", "method", "source", "state", "persistent", "read_only"])
-    return 0
+    return await _show(args, "attachments", lambda a: {
+        "device": a.device, "mount": a.mountPath, "method": a.method, "source": a.source,
+        "state": a.state, "persistent": bool(a.persistent), "read_only": bool(a.readOnly)},
+        ["device", "mount", "method", "source", "state", "persistent", "read_only"])

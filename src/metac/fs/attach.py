@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -29,6 +28,7 @@ from metac.codec.refs import SturdyRef
 from metac.core.streams import OpenedStream, open_stream
 from metac.core.supervisor import Child, Supervisor, require_program
 from metac.fs import kernel, nbdproto
+from metac.fs.session import Session, records
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
 
@@ -38,8 +38,6 @@ ATTACH_WAIT = 15.0
 #: Read-ahead of the nbdfuse mount: the loop device reads its file through the page
 #: cache (direct I/O from loop to a FUSE file measured 10x slower for writes here).
 FUSE_READ_AHEAD_KIB = 4096
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 15.0
 
 # linux/nbd.h: _IO(0xab, n)
 NBD_SET_SOCK = 0xAB00
@@ -100,59 +98,34 @@ def negotiate(sock: socket.socket, timeout: float = 15.0) -> nbdproto.ExportInfo
     return hs.export
 
 
-class Attachment:
+class Attachment(Session):
+    RECORD_PREFIX = "attach-"
+    INTERFACE = fs_schema.BlockDevice
+
     def __init__(self, state: FsState, *, attach_id: str, read_only: bool, mount_path: str,
                  device_cap: Any, source: str, target: SturdyRef | None = None) -> None:
-        self.state = state
-        self.id = attach_id
+        super().__init__(state, attach_id, cap=device_cap, source=source, target=target)
         self.read_only = read_only
         self.mount_path = mount_path
-        self.device_cap = device_cap
-        self.source = source
-        self.target = target
-        self.method = ""
         self.device = ""
-        self.status = "connecting"
         self.dir = os.path.join(state.run_dir, "nbd", attach_id)
         self._stream: OpenedStream | None = None
         self._child: Child | None = None
         self._nbd_fd: int | None = None
         self._nbd_thread: asyncio.Future[Any] | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._closed = False
 
     @property
-    def persistent(self) -> bool:
-        return self.target is not None
+    def what(self) -> str:
+        return f"attachment {self.device or self.id}"
 
-    @property
-    def _record_path(self) -> str:
-        return os.path.join(self.state.records_dir, f"attach-{self.id}.json")
-
-    def _write_record(self) -> None:
-        with open(self._record_path, "w") as f:
-            json.dump({"dir": self.dir, "device": self.device, "mount": self.mount_path}, f)
+    def _record(self) -> dict[str, Any]:
+        return {"dir": self.dir, "device": self.device, "mount": self.mount_path}
 
     # --- attaching ---
 
-    async def start(self) -> None:
-        self._write_record()
-        try:
-            await self._attach()
-        except BaseException:
-            await self._teardown()
-            self._drop_record()
-            raise
-        self._watcher = self.state.streams.spawn(self._watch(True), f"watch attach {self.id}")
-
-    def start_in_background(self) -> None:
-        self._write_record()
-        self.status = "disconnected"
-        self._watcher = self.state.streams.spawn(self._watch(False), f"watch attach {self.id}")
-
-    async def _attach(self) -> None:
+    async def _connect(self) -> None:
         kernel.need_root()
-        device = self.device_cap.cast_as(fs_schema.BlockDevice)
+        device = self.cap.cast_as(fs_schema.BlockDevice)
         info = (await device.info()).info
         self.read_only = self.read_only or bool(info.readOnly)
         stream = (await device.nbdSetup()).stream
@@ -235,48 +208,17 @@ class Attachment:
         elif self._nbd_thread is not None:
             await asyncio.shield(self._nbd_thread)
 
-    async def _watch(self, connected: bool) -> None:
-        backoff = BACKOFF_FIRST
-        while not self._closed:
-            if connected:
-                await self._wait_broken()
-                if self._closed:
-                    return
-                log.warning("attachment %s (%s) lost its connection", self.device, self.source)
-                self.status = "disconnected"
-                if not self.persistent:
-                    return
-                await self._teardown()
-            if not self.persistent:
-                return
-            try:
-                self.device_cap = await self.state.ctx.pool.restore(self.target,
-                                                                    fs_schema.BlockDevice)
-                await self._attach()
-                connected = True
-                backoff = BACKOFF_FIRST
-            except (errors.MetacError, OSError) as exc:
-                if isinstance(exc, errors.Unavailable):
-                    self.state.ctx.pool.forget(self.target.node, self.target.port)
-                log.info("attachment of %s: retrying in %.0f s (%s)", self.source, backoff, exc)
-                await self._teardown()
-                connected = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+    async def _lost(self) -> None:
+        # A non-persistent attachment keeps its (failing) device until it is detached.
+        if self.persistent:
+            await self._teardown()
 
     # --- detaching ---
 
     async def _teardown(self) -> None:
-        if self.mount_path and self.device:
-            top = kernel.top_mount(self.mount_path)
-            if top is not None and top.source == self.device:
-                with contextlib.suppress(OSError):
-                    kernel.unmount(self.mount_path)
+        _unmount_device(self.mount_path, self.device)
         if self.method == "nbdfuse" and self.device:
-            with contextlib.suppress(errors.MetacError):
-                await run_tool(self.state.supervisor,
-                               [require_program("losetup", "mount"), "-d", self.device],
-                               "losetup")
+            await _detach_loop(self.state.supervisor, self.device)
         if self._nbd_fd is not None:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self._nbd_fd, NBD_DISCONNECT)
@@ -302,54 +244,40 @@ class Attachment:
         if stream is not None:
             await stream.aclose()
 
-    def _drop_record(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._record_path)
-
-    async def close(self) -> None:
-        self._closed = True
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-        await self._teardown()
-        self.status = "released"
-        self._drop_record()
-        log.info("detached %s", self.source)
-
 
 def _do_it(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, NBD_DO_IT)
 
 
+def _unmount_device(mount_path: str, device: str) -> bool:
+    """Unmount ``mount_path`` if ``device`` is what is mounted there."""
+    if not (mount_path and device):
+        return False
+    top = kernel.top_mount(mount_path)
+    if top is None or top.source != device:
+        return False
+    with contextlib.suppress(OSError):
+        kernel.unmount(mount_path)
+    return True
+
+
+async def _detach_loop(supervisor: Supervisor, device: str) -> None:
+    with contextlib.suppress(errors.MetacError):
+        await run_tool(supervisor, [require_program("losetup", "mount"), "-d", device], "losetup")
+
+
 async def sweep(state: FsState) -> list[str]:
     """Undo what attachment records of an earlier (crashed) run name."""
     done = []
     nbd_root = os.path.join(state.run_dir, "nbd")
-    for entry in sorted(os.listdir(state.records_dir)):
-        if not entry.startswith("attach-"):
-            continue
-        path = os.path.join(state.records_dir, entry)
-        try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            os.unlink(path)
-            continue
-        mount_path, device = record.get("mount") or "", record.get("device") or ""
-        if mount_path and device:
-            top = kernel.top_mount(mount_path)
-            if top is not None and top.source == device:
-                with contextlib.suppress(OSError):
-                    kernel.unmount(mount_path)
-                done.append(mount_path)
-        os.unlink(path)
+    for record in records(state.records_dir, Attachment.RECORD_PREFIX):
+        mount_path = str(record.get("mount") or "")
+        if _unmount_device(mount_path, str(record.get("device") or "")):
+            done.append(mount_path)
     for dev, backing in kernel.loop_devices().items():
         if backing.startswith(nbd_root + "/"):
-            with contextlib.suppress(errors.MetacError):
-                await run_tool(state.supervisor, [require_program("losetup", "mount"), "-d", dev],
-                               "losetup")
+            await _detach_loop(state.supervisor, dev)
             done.append(dev)
     if os.path.isdir(nbd_root):
         for name in os.listdir(nbd_root):

@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import posixpath
-import secrets
 import stat
 import weakref
 from typing import Any
@@ -49,20 +48,45 @@ def local_object(secret: bytes) -> Any:
 
 
 class Exported(PersistableMixin):
-    """createSturdyRef that also remembers which local object a new ref points to."""
+    """An exported object: its path, a read-only bit, and a createSturdyRef that also
+    remembers which local object a new ref points to."""
 
-    _state: FsState
+    CATEGORY = ""
+
+    def __init__(self, state: FsState, read_only: bool) -> None:
+        self._state = state
+        self._ctx = state.ctx
+        self.read_only = read_only
+
+    @property
+    def path(self) -> str:
+        raise NotImplementedError
+
+    def _describe(self) -> Description:
+        return Description(self.CATEGORY, {"path": self.path, "readOnly": self.read_only})
 
     async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
                               **kwargs: Any) -> None:
-        if self._runtime_id is None:
-            self._runtime_id = secrets.token_hex(16)
-        ref = await self._ctx.create_ref(self, self._describe(), self._runtime_id, rgroup,
-                                         persistent)
-        _context.results.id = ref
+        await super().createSturdyRef(rgroup, persistent, _context, **kwargs)
         while len(_MINTED) >= _MINTED_MAX:
             _MINTED.pop(next(iter(_MINTED)))
-        _MINTED[bytes(ref.objectInfo)] = weakref.ref(self)
+        _MINTED[bytes(_context.results.id.objectInfo)] = weakref.ref(self)
+
+
+class _EntryExport(Exported):
+    """A File or BlockDevice: one name in a directory."""
+
+    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
+        super().__init__(state, read_only)
+        self.entry = entry
+
+    @property
+    def path(self) -> str:
+        return self.entry.path
+
+    def _view(self, cls: type[_EntryExport], read_only: bool) -> Any:
+        """The same entry as a ``cls`` (with a handle of its own)."""
+        return cls(self._state, Entry(self.entry.parent.dup(), self.entry.name), read_only)
 
 
 def logged(serve: Any, what: str) -> Any:
@@ -86,14 +110,15 @@ def protocol_stream(state: FsState, owner: Any, protocol: str, serve: Any) -> Ha
 
 
 class FilesystemServer(Exported, fs_schema.Filesystem.Server):
-    def __init__(self, state: FsState, directory: Directory, read_only: bool = False) -> None:
-        self._state = state
-        self._ctx = state.ctx
-        self.directory = directory
-        self.read_only = read_only
+    CATEGORY = "filesystem"
 
-    def _describe(self) -> Description:
-        return Description("filesystem", {"path": self.directory.path, "readOnly": self.read_only})
+    def __init__(self, state: FsState, directory: Directory, read_only: bool = False) -> None:
+        super().__init__(state, read_only)
+        self.directory = directory
+
+    @property
+    def path(self) -> str:
+        return self.directory.path
 
     async def getSubtree(self, name: str, _context: Any, **kwargs: Any) -> None:
         sub = self.directory.subdir(parse_name(name))
@@ -133,15 +158,8 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         info.readOnly = self.read_only
 
 
-class FileServer(Exported, fs_schema.File.Server):
-    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
-        self._state = state
-        self._ctx = state.ctx
-        self.entry = entry
-        self.read_only = read_only
-
-    def _describe(self) -> Description:
-        return Description("file", {"path": self.entry.path, "readOnly": self.read_only})
+class FileServer(_EntryExport, fs_schema.File.Server):
+    CATEGORY = "file"
 
     async def openAsStream(self, _context: Any, **kwargs: Any) -> None:
         os.close(self.entry.open_regular(os.O_RDONLY))  # fail now, not after tcpListen
@@ -162,12 +180,10 @@ class FileServer(Exported, fs_schema.File.Server):
 
     async def openAsBlock(self, _context: Any, **kwargs: Any) -> None:
         os.close(servers.open_image(self.entry))
-        _context.results.device = BlockDeviceServer(
-            self._state, Entry(self.entry.parent.dup(), self.entry.name), self.read_only)
+        _context.results.device = self._view(BlockDeviceServer, self.read_only)
 
     async def readOnly(self, _context: Any, **kwargs: Any) -> None:
-        _context.results.file = FileServer(
-            self._state, Entry(self.entry.parent.dup(), self.entry.name), True)
+        _context.results.file = self._view(FileServer, True)
 
     async def info(self, _context: Any, **kwargs: Any) -> None:
         info = _context.results.init("info")
@@ -180,15 +196,8 @@ class FileServer(Exported, fs_schema.File.Server):
             info.mtime = st.st_mtime
 
 
-class BlockDeviceServer(Exported, fs_schema.BlockDevice.Server):
-    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
-        self._state = state
-        self._ctx = state.ctx
-        self.entry = entry
-        self.read_only = read_only
-
-    def _describe(self) -> Description:
-        return Description("block", {"path": self.entry.path, "readOnly": self.read_only})
+class BlockDeviceServer(_EntryExport, fs_schema.BlockDevice.Server):
+    CATEGORY = "block"
 
     def stream_nbd(self) -> HandoffStreamServer:
         require_program("nbdkit", "nbdkit")
@@ -201,8 +210,7 @@ class BlockDeviceServer(Exported, fs_schema.BlockDevice.Server):
         _context.results.stream = self.stream_nbd()
 
     async def readOnly(self, _context: Any, **kwargs: Any) -> None:
-        _context.results.device = BlockDeviceServer(
-            self._state, Entry(self.entry.parent.dup(), self.entry.name), True)
+        _context.results.device = self._view(BlockDeviceServer, True)
 
     async def info(self, _context: Any, **kwargs: Any) -> None:
         fd = servers.open_image(self.entry)

@@ -18,15 +18,15 @@ hanging or writing into the directory underneath. A persistent session then
 reconnects with backoff (through a persistent ref of the filesystem, restored
 anew from its node); a non-persistent one stays disconnected until released.
 
-A record file per session (``<state>/fs/records/<id>.json``) lets the next
-start of the service unmount what a crashed run left behind (``sweep``).
+Reconnecting and the record file that lets the next start of the service
+unmount what a crashed run left behind (``sweep``) are the ``Session``'s
+(``metac.fs.session``), shared with block attachments.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -37,6 +37,7 @@ from metac.codec.refs import SturdyRef
 from metac.core.streams import OpenedStream, open_stream
 from metac.core.supervisor import Child, require_program
 from metac.fs import kernel
+from metac.fs.session import Session, records
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
 
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 METHODS = ("9p", "sftp", "bind")
 MOUNT_WAIT = 15.0
 WATCH_INTERVAL = 2.0
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 15.0
 NINEP_MSIZE = 512 * 1024
 SSHFS_OPTIONS = "passive,allow_other,default_permissions,idmap=none,max_write=262144"
 
@@ -83,44 +82,34 @@ def sshfs_argv(sshfs: str, path: str, marker: str, *, read_only: bool) -> list[s
     return [sshfs, "-f", "-o", opts, ":/export", path]
 
 
-class MountSession:
+class MountSession(Session):
     """One mount point and everything that keeps it mounted (see the module docstring)."""
+
+    RECORD_PREFIX = "mount-"
+    INTERFACE = fs_schema.Filesystem
 
     def __init__(self, state: FsState, *, mount_id: str, path: str, method: str,
                  read_only: bool, fs_cap: Any = None, local: Any = None,
                  source: str = "local", target: SturdyRef | None = None) -> None:
-        self.state = state
-        self.id = mount_id
+        super().__init__(state, mount_id, cap=fs_cap, source=source, target=target)
         self.path = path
         self.wanted = method
-        self.method = ""
         self.read_only = read_only
-        self.fs_cap = fs_cap
         self.local = local  # a FilesystemServer of this process, for bind mounts
-        self.source = source
-        self.target = target  # persistent ref of the filesystem: set when persistent
-        self.status = "connecting"
         self.marker = f"metac:{mount_id}"
         self._stream: OpenedStream | None = None
         self._child: Child | None = None
         self._ninep_fd: int | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._closed = False
 
     @property
-    def persistent(self) -> bool:
-        return self.target is not None
+    def what(self) -> str:
+        return f"mount at {self.path}"
 
     # --- records (for the sweep after a crash) ---
 
-    @property
-    def _record_path(self) -> str:
-        return os.path.join(self.state.records_dir, f"mount-{self.id}.json")
-
-    def _write_record(self) -> None:
-        with open(self._record_path, "w") as f:
-            json.dump({"path": self.path, "sources": [self.marker, kernel.PLACEHOLDER_SOURCE],
-                       "mount_ids": self._mount_ids()}, f)
+    def _record(self) -> dict[str, Any]:
+        return {"path": self.path, "sources": [self.marker, kernel.PLACEHOLDER_SOURCE],
+                "mount_ids": self._mount_ids()}
 
     def _mount_ids(self) -> list[int]:
         return [e.mount_id for e in kernel.mounts_at(self.path)
@@ -128,35 +117,13 @@ class MountSession:
 
     # --- connecting ---
 
-    async def start(self) -> None:
-        """Mount now (errors reach the caller), then watch the connection."""
-        self._write_record()
-        try:
-            await self._connect()
-        except BaseException:
-            await self._teardown()
-            self._drop_record()
-            raise
-        self._start_watcher()
-
-    def start_in_background(self) -> None:
-        """Mount as soon as the filesystem is reachable (used when restoring)."""
-        self._write_record()
-        self.status = "disconnected"
-        with contextlib.suppress(OSError):
-            kernel.placeholder(self.path)
-        self._start_watcher(connected=False)
-
-    def _start_watcher(self, connected: bool = True) -> None:
-        self._watcher = self.state.streams.spawn(self._watch(connected), f"watch mount {self.id}")
-
     async def _connect(self) -> None:
         kernel.need_root()
         self.method = choose_method(self.wanted, local=self.local is not None)
         if self.method == "bind":
             self._bind()
         else:
-            fs = self.fs_cap.cast_as(fs_schema.Filesystem)
+            fs = self.cap.cast_as(fs_schema.Filesystem)
             stream = (await (fs.v9fsStream() if self.method == "9p" else fs.sftpStream())).stream
             self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address)
             kernel.keepalive(self._stream.sock)
@@ -205,7 +172,7 @@ class MountSession:
                                          "(see the fs service log)")
             await asyncio.sleep(0.05)
 
-    # --- watching, reconnecting ---
+    # --- watching, tearing down ---
 
     async def _wait_broken(self) -> None:
         if self.method == "bind":
@@ -216,39 +183,15 @@ class MountSession:
         while self._ninep_fd is not None and kernel.tcp_established(self._ninep_fd):
             await asyncio.sleep(WATCH_INTERVAL)
 
-    async def _watch(self, connected: bool) -> None:
-        backoff = BACKOFF_FIRST
-        while not self._closed:
-            if connected:
-                await self._wait_broken()
-                if self._closed:
-                    return
-                log.warning("mount %s at %s lost its connection", self.source, self.path)
-                self.status = "disconnected"
-                await self._teardown()
-                with contextlib.suppress(OSError):
-                    kernel.placeholder(self.path)
-                self._write_record()
-            if not self.persistent:
-                return  # stays disconnected (placeholder) until released
-            connected = False
-            try:
-                self.fs_cap = await self.state.ctx.pool.restore(self.target, fs_schema.Filesystem)
-                await self._connect()
-                connected = True
-                backoff = BACKOFF_FIRST
-            except (errors.MetacError, OSError) as exc:
-                if isinstance(exc, errors.Unavailable):
-                    self.state.ctx.pool.forget(self.target.node, self.target.port)
-                log.info("mount %s at %s: reconnecting failed (%s); next try in %.0f s",
-                         self.source, self.path, exc, backoff)
-                await self._teardown()
-                with contextlib.suppress(OSError):
-                    kernel.placeholder(self.path)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+    def _show_disconnected(self) -> None:
+        # An empty read-only placeholder: operations fail instead of hanging or
+        # landing in the directory underneath.
+        with contextlib.suppress(OSError):
+            kernel.placeholder(self.path)
 
-    # --- tearing down ---
+    async def _lost(self) -> None:
+        await super()._lost()
+        self._write_record()
 
     async def _teardown(self) -> None:
         """Unmount (lazily), stop the helper, close the connection. Idempotent."""
@@ -267,39 +210,19 @@ class MountSession:
         if stream is not None:
             await stream.aclose()
 
-    def _drop_record(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._record_path)
-
-    async def close(self) -> None:
-        """Unmount for good (the placeholder too) and forget the record."""
-        self._closed = True
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-        await self._teardown()
+    async def _released(self) -> None:
         kernel.remove_top(self.path, [self.marker, kernel.PLACEHOLDER_SOURCE])
-        self.status = "released"
-        self._drop_record()
-        log.info("unmounted %s", self.path)
 
 
 def sweep(records_dir: str) -> list[str]:
     """Unmount what the records of an earlier (crashed) run name; returns the paths."""
     done = []
-    for entry in sorted(os.listdir(records_dir)):
-        if not entry.startswith("mount-"):
-            continue
-        path = os.path.join(records_dir, entry)
+    for record in records(records_dir, MountSession.RECORD_PREFIX):
         try:
-            with open(path) as f:
-                record = json.load(f)
             mountpoint = str(record["path"])
             sources = {str(s) for s in record.get("sources", [])}
             ids = {int(i) for i in record.get("mount_ids", [])}
-        except (OSError, ValueError, KeyError, TypeError):
-            os.unlink(path)
+        except (ValueError, KeyError, TypeError):
             continue
         for _ in range(16):
             top = kernel.top_mount(mountpoint)
@@ -308,5 +231,4 @@ def sweep(records_dir: str) -> list[str]:
             with contextlib.suppress(OSError):
                 kernel.unmount(mountpoint)
             done.append(mountpoint)
-        os.unlink(path)
     return done

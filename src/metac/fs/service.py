@@ -14,12 +14,13 @@ its description is *active*, so persistence restores it when the service
 starts, and the service reconnects it when the serving node comes back. A
 non-persistent mount does not survive a restart of the service or node. When
 the service stops it unmounts everything; releasing a persistent mount also
-revokes its refs, so it does not come back.
+revokes every ref to its holder (``ServiceContext.forget``), so it does not come
+back. The persistent ref it reconnects through is sealed into its own
+description (``state.TargetSeal``), so nothing outlives those refs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import posixpath
 from typing import Any
@@ -36,7 +37,6 @@ from metac.fs.mount import MountSession
 from metac.fs.resolve import Directory
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
-from metac.schema.load import persistence
 
 log = logging.getLogger("metac.fs")
 
@@ -61,17 +61,6 @@ def check_mount_point(path: str) -> str:
     return normal
 
 
-async def revoke(ctx: ServiceContext, secrets_hex: list[str]) -> None:
-    """Delete our own persistent refs (those of a released mount or attachment)."""
-    if not secrets_hex:
-        return
-    padmin = (await ctx.node_admin.getServiceAdmin("persistence")).service
-    padmin = padmin.cast_as(persistence.PersistenceAdmin)
-    for secret in secrets_hex:
-        with contextlib.suppress(Exception):
-            await padmin.deleteRef(bytes.fromhex(secret), "")
-
-
 async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, Any, SturdyRef]:
     """(our own object or None, a capability over our connection, its ref) for ``cap``."""
     res = await cap.cast_as(interface).createSturdyRef(persistent=False)
@@ -82,94 +71,131 @@ async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, An
 
 
 class _ActionHolder(PersistableMixin, HolderServer):
-    """A holder of a mount or attachment; persisting it (persistent=True) makes it come back."""
+    """The holder of a mount or attachment (a ``Session``).
+
+    Releasing (or dropping) it undoes the session and revokes every sturdy ref
+    to it (``ServiceContext.forget`` of its runtime id, the session id), so a
+    persistent one does not come back. Its description is active: persistence
+    restores it at start. A persistent ref also makes it take a persistent ref
+    to what the session uses (its *target*), which the description keeps
+    sealed; revoking the holder's refs in any way drops that too.
+    """
 
     KIND = ""
 
-    def __init__(self, state: FsState, session: Any, undo: Any, what: str) -> None:
-        HolderServer.__init__(self, undo, what)
-        self._ctx = state.ctx
-        self._state = state
-        self.session = session
+    def __init__(self, state: FsState, session: Any, table: Any, what: str, *,
+                 keep: bool, persistent: bool) -> None:
+        ctx = state.ctx
+        session_id = session.id
 
-    async def _remember_target(self) -> None:
-        raise NotImplementedError
+        async def undo() -> None:  # holds no reference to the holder (no cycle)
+            table.pop(session_id, None)
+            state.kept.pop(session_id, None)
+            try:
+                await ctx.forget(session_id)  # first: whatever fails next, it stays gone
+            finally:
+                await session.close()
+
+        HolderServer.__init__(self, undo, what)
+        self._ctx = ctx
+        self._state = state
+        self._runtime_id = session_id
+        self.session = session
+        #: Made persistent (in this run, or restored); `metac fs ls` shows it.
+        self.persistent = persistent
+        table[session_id] = self
+        if keep:
+            state.kept[session_id] = self
 
     def forget_undo(self) -> None:
         """The service is stopping and has closed the session itself: when this holder is
         dropped, do not run the undo (which would also revoke a persistent mount's refs)."""
         self._revert = None
 
+    def _needs_target(self) -> bool:
+        return True
+
+    def fill(self, info: Any) -> None:
+        """Fill a MountInfo or BlockAttachmentInfo (what they share)."""
+        s = self.session
+        info.method = s.method
+        info.source = s.source
+        info.state = s.status
+        info.readOnly = s.read_only
+        info.persistent = self.persistent
+        info.holder = self
+
+    def _data(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _describe(self) -> Description:
+        data = self._data()
+        if self.session.target is not None:
+            data["target"] = self._state.seal.seal(self.session.target)
+        return Description(self.KIND, data, active=True)
+
     async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
                               **kwargs: Any) -> None:
         if not self.active:
             raise errors.FailedPrecondition(f"{self._what} was released")
+        s = self.session
+        if persistent and s.target is None and self._needs_target():
+            res = await s.cap.cast_as(s.INTERFACE).createSturdyRef(persistent=True)
+            s.target = ref_from_struct(res.id)
+        await super().createSturdyRef(rgroup, persistent, _context, **kwargs)
         if persistent:
-            await self._remember_target()
-        if self._runtime_id is None:
-            self._runtime_id = self.session.id
-        ref = await self._ctx.create_ref(self, self._describe(), self._runtime_id, rgroup,
-                                         persistent)
-        if persistent:
-            self._state.secrets.update(self.KIND, self.session.id,
-                                       refs=[bytes(ref.objectInfo).hex()])
-        _context.results.id = ref
+            self.persistent = True
 
 
 class MountHolder(_ActionHolder):
     KIND = "mount"
 
-    def __init__(self, state: FsState, session: MountSession) -> None:
-        async def undo() -> None:
-            state.mounts.pop(session.id, None)
-            state.kept.pop(session.id, None)
-            await session.close()
-            await revoke(state.ctx, state.secrets.pop("mount", session.id).get("refs", []))
+    def __init__(self, state: FsState, session: MountSession, *, keep: bool,
+                 persistent: bool = False) -> None:
+        super().__init__(state, session, state.mounts, f"mount at {session.path}", keep=keep,
+                         persistent=persistent)
 
-        super().__init__(state, session, undo, f"mount at {session.path}")
+    def _needs_target(self) -> bool:
+        return self.session.local is None  # a bind mount is restored from its path
 
-    def _describe(self) -> Description:
+    def _data(self) -> dict[str, Any]:
         s = self.session
         data: dict[str, Any] = {"id": s.id, "path": s.path, "method": s.wanted,
                                 "readOnly": s.read_only, "source": s.source}
         if s.local is not None:
             data["local"] = {"path": s.local.directory.path, "readOnly": s.local.read_only}
-        return Description("mount", data, active=True)
+        return data
 
-    async def _remember_target(self) -> None:
+    def fill(self, info: Any) -> None:
+        super().fill(info)
         s = self.session
-        if s.local is None and s.target is None:
-            res = await s.fs_cap.cast_as(fs_schema.Filesystem).createSturdyRef(persistent=True)
-            s.target = ref_from_struct(res.id)
-            self._state.secrets.update("mount", s.id, target=s.target.format())
+        info.path = s.path
+        info.method = s.method or s.wanted or "auto"
 
 
 class AttachHolder(_ActionHolder):
     KIND = "attachment"
 
-    def __init__(self, state: FsState, session: Attachment) -> None:
-        async def undo() -> None:
-            state.attachments.pop(session.id, None)
-            state.kept.pop(session.id, None)
-            await session.close()
-            await revoke(state.ctx,
-                         state.secrets.pop("attachment", session.id).get("refs", []))
+    def __init__(self, state: FsState, session: Attachment, *, keep: bool,
+                 persistent: bool = False) -> None:
+        super().__init__(state, session, state.attachments, "block attachment", keep=keep,
+                         persistent=persistent)
 
-        super().__init__(state, session, undo, "block attachment")
-
-    def _describe(self) -> Description:
+    def _data(self) -> dict[str, Any]:
         s = self.session
-        return Description("attachment", {"id": s.id, "readOnly": s.read_only,
-                                          "mountPath": s.mount_path, "source": s.source},
-                           active=True)
+        return {"id": s.id, "readOnly": s.read_only, "mountPath": s.mount_path,
+                "source": s.source}
 
-    async def _remember_target(self) -> None:
-        s = self.session
-        if s.target is None:
-            res = await s.device_cap.cast_as(fs_schema.BlockDevice).createSturdyRef(
-                persistent=True)
-            s.target = ref_from_struct(res.id)
-            self._state.secrets.update("attachment", s.id, target=s.target.format())
+    def fill(self, info: Any) -> None:
+        super().fill(info)
+        info.device = self.session.device
+        info.mountPath = self.session.mount_path
+
+
+def _list(results: Any, field: str, holders: list[_ActionHolder]) -> None:
+    out = results.init(field, len(holders))
+    for i, holder in enumerate(holders):
+        holder.fill(out[i])
 
 
 class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
@@ -205,25 +231,11 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
                                read_only=read_only, fs_cap=cap, local=local,
                                source="local" if local is not None else shown_node(ref))
         await session.start()
-        holder = MountHolder(state, session)
-        state.mounts[session.id] = holder
-        if keep:
-            state.kept[session.id] = holder
-        return holder
+        return MountHolder(state, session, keep=keep)
 
     async def listMounts(self, _context: Any, **kwargs: Any) -> None:
-        holders = sorted(list(self._state.mounts.values()), key=lambda h: h.session.path)
-        out = _context.results.init("mounts", len(holders))
-        for i, holder in enumerate(holders):
-            s = holder.session
-            out[i].path = s.path
-            out[i].method = s.method or s.wanted or "auto"
-            out[i].source = s.source
-            out[i].holder = holder
-            out[i].state = s.status
-            out[i].persistent = s.persistent or (s.local is not None and bool(
-                self._state.secrets.get("mount", s.id).get("refs")))
-            out[i].readOnly = s.read_only
+        _list(_context.results, "mounts",
+              sorted(list(self._state.mounts.values()), key=lambda h: h.session.path))
 
 
 class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
@@ -240,26 +252,12 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
         session = Attachment(state, attach_id=state.new_id(), read_only=bool(options.readOnly),
                              mount_path=mount_path, device_cap=cap, source=shown_node(ref))
         await session.start()
-        holder = AttachHolder(state, session)
-        state.attachments[session.id] = holder
-        if options.keep:
-            state.kept[session.id] = holder
         _context.results.path = session.device
-        _context.results.holder = holder
+        _context.results.holder = AttachHolder(state, session, keep=bool(options.keep))
 
     async def listBlockAttachments(self, _context: Any, **kwargs: Any) -> None:
-        holders = sorted(list(self._state.attachments.values()), key=lambda h: h.session.id)
-        out = _context.results.init("attachments", len(holders))
-        for i, holder in enumerate(holders):
-            s = holder.session
-            out[i].device = s.device
-            out[i].mountPath = s.mount_path
-            out[i].method = s.method
-            out[i].source = s.source
-            out[i].state = s.status
-            out[i].readOnly = s.read_only
-            out[i].persistent = s.persistent
-            out[i].holder = holder
+        _list(_context.results, "attachments",
+              sorted(list(self._state.attachments.values()), key=lambda h: h.session.id))
 
 
 # --- restorers --------------------------------------------------------------------------
@@ -285,11 +283,9 @@ async def _restore_namespace(ctx: ServiceContext, data: dict[str, Any], caps: li
     return NamespaceServer(state_of(ctx))
 
 
-def _target(state: FsState, kind: str, key: str) -> SturdyRef:
-    text = state.secrets.get(kind, key).get("target")
-    if not text:
-        raise errors.NotFound(f"persistent {kind} {key}: its target ref is gone")
-    return SturdyRef.parse(text)
+def _target(state: FsState, data: dict[str, Any]) -> SturdyRef | None:
+    text = data.get("target")
+    return state.seal.unseal(str(text)) if text else None
 
 
 async def _restore_mount(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
@@ -297,24 +293,19 @@ async def _restore_mount(ctx: ServiceContext, data: dict[str, Any], caps: list[A
     key = str(data["id"])
     if key in state.mounts:
         return state.mounts[key]
-    path = str(data["path"])
-    local_data = data.get("local")
-    if local_data:
-        local = exports.restore_filesystem(state, local_data)
-        session = MountSession(state, mount_id=key, path=path, method=str(data.get("method", "")),
-                               read_only=bool(data.get("readOnly")), local=local)
+    local = exports.restore_filesystem(state, data["local"]) if data.get("local") else None
+    target = _target(state, data)
+    if local is None and target is None:
+        raise errors.NotFound(f"mount {key} was never made persistent")
+    session = MountSession(state, mount_id=key, path=str(data["path"]),
+                           method=str(data.get("method", "")),
+                           read_only=bool(data.get("readOnly")), local=local,
+                           source=str(data.get("source", "local")), target=target)
+    if local is not None:
         await session.start()
     else:
-        session = MountSession(state, mount_id=key, path=path, method=str(data.get("method", "")),
-                               read_only=bool(data.get("readOnly")),
-                               source=str(data.get("source", "")),
-                               target=_target(state, "mount", key))
         session.start_in_background()
-    holder = MountHolder(state, session)
-    holder._runtime_id = key
-    state.mounts[key] = holder
-    state.kept[key] = holder
-    return holder
+    return MountHolder(state, session, keep=True, persistent=True)
 
 
 async def _restore_attachment(ctx: ServiceContext, data: dict[str, Any],
@@ -323,16 +314,14 @@ async def _restore_attachment(ctx: ServiceContext, data: dict[str, Any],
     key = str(data["id"])
     if key in state.attachments:
         return state.attachments[key]
+    target = _target(state, data)
+    if target is None:
+        raise errors.NotFound(f"attachment {key} was never made persistent")
     session = Attachment(state, attach_id=key, read_only=bool(data.get("readOnly")),
                          mount_path=str(data.get("mountPath", "")), device_cap=None,
-                         source=str(data.get("source", "")),
-                         target=_target(state, "attachment", key))
+                         source=str(data.get("source", "")), target=target)
     session.start_in_background()
-    holder = AttachHolder(state, session)
-    holder._runtime_id = key
-    state.attachments[key] = holder
-    state.kept[key] = holder
-    return holder
+    return AttachHolder(state, session, keep=True, persistent=True)
 
 
 class FsService(ServiceDefinition):

@@ -1,4 +1,4 @@
-"""What the fs service's server objects share, and its small private state file.
+"""What the fs service's server objects share, and the key that seals its targets.
 
 ``FsState`` is the context every server object of the service gets: the service
 context (supervisor, persistence, node pool), the ``StreamHost`` that owns the
@@ -6,67 +6,56 @@ data connections, the service's directories, and the live mount and
 attachment holders by id (weakly: dropping a holder nobody keeps undoes it),
 and the holders the service keeps alive itself.
 
-``Secrets`` is a root-only JSON file (``<state_dir>/fs/persistent.json``, 0600)
-for what a persistent mount or attachment must keep but must not put into its
-persistence description: the secrets of its own sturdy refs (so ``umount``
-can revoke them) and a persistent ref to the filesystem or device it uses (so
-it can reconnect after the other node restarts, and be re-established at
-start even while that node is down).
+``TargetSeal``: a persistent mount or attachment keeps a persistent ref to the
+filesystem or device it uses, so it can reconnect after the other node
+restarts and be re-established at start even while that node is down. The ref
+is a secret, and it must live exactly as long as the mount's own refs do (a
+mount forgotten with ``umount`` or revoked with ``metac ref rm`` must leave
+nothing behind). So it goes into the mount's persistence description, sealed
+with a key of this service: the root-only file ``<state_dir>/fs/persistent.key``
+(0600). The persistence database on its own grants nothing.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 import os
 import secrets
 import weakref
 from typing import Any
 
+from metac import errors
+from metac.codec.refs import SturdyRef
+from metac.core import sealing
 from metac.core.service import ServiceContext
 from metac.core.streams import StreamHost
 
 
-class Secrets:
-    """``{kind: {id: {"refs": [hex secrets], "target": "ref://..."}}}`` in a 0600 file."""
+class TargetSeal:
+    """Seals and unseals a ref for a description, with a key kept in a 0600 file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._key: bytes | None = None
 
-    def load(self) -> dict[str, dict[str, dict[str, Any]]]:
+    def _get_key(self) -> bytes:
+        if self._key is None:
+            try:
+                self._key = sealing.load_or_create_key(self.path)
+            except sealing.SealError as exc:
+                raise errors.FailedPrecondition(str(exc)) from None
+        return self._key
+
+    def seal(self, ref: SturdyRef) -> str:
+        return base64.b64encode(sealing.seal(self._get_key(), ref.format().encode())).decode()
+
+    def unseal(self, text: str) -> SturdyRef:
         try:
-            with open(self.path) as f:
-                data = json.load(f)
-        except (FileNotFoundError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _save(self, data: dict[str, Any]) -> None:
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, self.path)
-
-    def get(self, kind: str, key: str) -> dict[str, Any]:
-        return dict(self.load().get(kind, {}).get(key, {}))
-
-    def update(self, kind: str, key: str, **values: Any) -> None:
-        data = self.load()
-        entry = data.setdefault(kind, {}).setdefault(key, {})
-        for name, value in values.items():
-            if name == "refs":
-                entry.setdefault("refs", [])
-                entry["refs"] = [*entry["refs"], *value]
-            else:
-                entry[name] = value
-        self._save(data)
-
-    def pop(self, kind: str, key: str) -> dict[str, Any]:
-        data = self.load()
-        entry = data.get(kind, {}).pop(key, None)
-        if entry is not None:
-            self._save(data)
-        return entry or {}
+            plain = sealing.unseal(self._get_key(), base64.b64decode(text, validate=True))
+            return SturdyRef.parse(plain.decode())
+        except (ValueError, TypeError, binascii.Error) as exc:
+            raise errors.InvalidArgument(f"corrupt description: its target ref: {exc}") from None
 
 
 class FsState:
@@ -81,7 +70,7 @@ class FsState:
         self.identity_dir = os.path.join(self.run_dir, "sandbox")
         self.records_dir = os.path.join(self.state_dir, "records")
         os.makedirs(self.records_dir, mode=0o700, exist_ok=True)
-        self.secrets = Secrets(os.path.join(self.state_dir, "persistent.json"))
+        self.seal = TargetSeal(os.path.join(self.state_dir, "persistent.key"))
         #: Live holders by id (weak: a holder nobody keeps is dropped, which undoes it).
         self.mounts: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self.attachments: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()

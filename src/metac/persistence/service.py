@@ -23,8 +23,8 @@ from metac.core.holder import HolderServer
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import run_daemon
 from metac.core.rpc import Servant, connect_unix
+from metac.core.sealing import load_or_create_key, seal, unseal
 from metac.core.tasks import TaskSet
-from metac.persistence.sealing import load_or_create_key, seal, unseal
 from metac.persistence.store import Store, secret_hash, short_id_of
 from metac.schema.load import core, persistence
 

@@ -1,4 +1,4 @@
-"""Authenticated encryption of small blobs with the node key (stdlib only).
+"""Authenticated encryption of small blobs with a key kept in its own file (stdlib only).
 
 Refs nested in descriptions must be stored (to restore them after a restart)
 but the database must grant nothing on its own. They are sealed with a key kept
