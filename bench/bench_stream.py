@@ -9,9 +9,16 @@ A benchmark, not a test. On loopback only (a node on 127.0.0.2, helpers on
       * a socat relay: client -> socat -> server (one relay process, read/write);
       * a relay made of metac's pump alone (``core.pump.Pump``, splice), the
         like-for-like comparison with socat;
+      * two such relays chained, the like-for-like comparison with:
       * metac: client -> `metac stream forward REF` -> the node's stream service
         -> server. That path has two relays (the forward CLI and the stream
         service), as when A's service is forwarded on B; both pump with splice.
+      Each row also gives the CPU time per GB of the relays and of the whole path
+      (relays, both iperf3 ends, the ksoftirqd threads): on loopback the kernel
+      charges a TCP hop's work to whichever process sends or reads, so relay CPU
+      alone hides where the cost goes; the whole path does not. With N CPUs no path
+      can move more than N / (whole-path CPU s/GB) GB/s, the "CPU bound" column,
+      which is what the targets are checked against below the table.
   (b) time to open a stream: ``open_stream`` (tcpListen + connect) plus one byte
       echoed, next to a direct TCP connect plus one byte, and a connection through
       `metac stream forward` plus one byte.
@@ -34,6 +41,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -201,6 +209,22 @@ def iperf(port: int, seconds: float, *, reverse: bool = False,
     return total["bits_per_second"] / 8e9, int(total["bytes"])
 
 
+def ksoftirqd_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as f:
+                if f.read().startswith("ksoftirqd/"):
+                    pids.append(int(entry))
+    return pids
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of our reaped children (the iperf3 clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime (+ reaped children's) of the processes, in seconds."""
     ticks = 0
@@ -280,13 +304,24 @@ def table(results: dict[str, Any]) -> str:
               if r["path"] == "direct TCP"}
     socat = {r["test"]: r["gbytes_per_s"] for r in results["throughput"]
              if r["path"] == "socat relay"}
-    out.append(f"{'path':<22}{'relays':>7}  {'test':<20}{'GB/s':>6}{'x direct':>10}"
-               f"{'x socat':>9}{'relay CPU s/GB':>16}")
+    cpus = results["cpus"]
+    out.append(f"{'path':<24}{'relays':>6}  {'test':<20}{'GB/s':>6}{'x direct':>9}"
+               f"{'x socat':>8}{'CPU s/GB: relays':>18}{'path':>6}{'CPU bound':>11}")
     for r in results["throughput"]:
-        out.append(f"{r['path']:<22}{r['relays']:>7}  {r['test']:<20}{r['gbytes_per_s']:>6.2f}"
-                   f"{r['gbytes_per_s'] / direct[r['test']]:>10.2f}"
-                   f"{r['gbytes_per_s'] / socat[r['test']]:>9.2f}"
-                   f"{r['relay_cpu_s_per_gb']:>16.3f}")
+        out.append(f"{r['path']:<24}{r['relays']:>6}  {r['test']:<20}{r['gbytes_per_s']:>6.2f}"
+                   f"{r['gbytes_per_s'] / direct[r['test']]:>9.2f}"
+                   f"{r['gbytes_per_s'] / socat[r['test']]:>8.2f}"
+                   f"{r['relay_cpu_s_per_gb']:>18.3f}{r['path_cpu_s_per_gb']:>6.3f}"
+                   f"{cpus / r['path_cpu_s_per_gb']:>11.2f}")
+    out += ["", "Targets (issue 3): metac stream forward >= 2x socat and >= 0.7x direct. "
+            f"With {cpus} CPUs, a path",
+            f"moving R GB/s may use at most {cpus}/R CPU s/GB over the whole path:", ""]
+    metac = {r["test"]: r for r in results["throughput"] if r["path"] == "metac stream forward"}
+    for test, r in metac.items():
+        goal = max(2 * socat[test], 0.7 * direct[test])
+        out.append(f"  {test:<20} needs {goal:.2f} GB/s -> <= {cpus / goal:.3f} CPU s/GB; "
+                   f"has {r['gbytes_per_s']:.2f} GB/s at {r['path_cpu_s_per_gb']:.3f} CPU s/GB: "
+                   + ("met" if r["gbytes_per_s"] >= goal else "not met"))
     out += ["", "Time to open a stream (ms)", ""]
     out.append(f"{'what':<46}{'n':>6}{'p50':>9}{'p90':>9}{'p99':>9}")
     for name, s in results["open_time"].items():
@@ -316,7 +351,7 @@ def run(args: argparse.Namespace, root: Path, procs: Processes) -> dict[str, Any
     wait_ready(root / "node.log")
 
     iperf_port, echo_port = free_port(), free_port()
-    procs.start(["iperf3", "-s", "-B", LOCAL, "-p", str(iperf_port)], "iperf3")
+    iperf_server = procs.start(["iperf3", "-s", "-B", LOCAL, "-p", str(iperf_port)], "iperf3")
     procs.start([sys.executable, "-c", ECHO_SERVER, str(echo_port)], "echo", ready="ready")
     wait_port(iperf_port)
 
@@ -333,39 +368,52 @@ def run(args: argparse.Namespace, root: Path, procs: Processes) -> dict[str, Any
                            f"{LOCAL}:{forward_port}"], "forward", ready="forwarding")
     procs.start([*metac_cli, "stream", "forward", echo_ref, f"{LOCAL}:{forward_echo_port}"],
                 "forward-echo", ready="forwarding")
-    pump_port = free_port()
+    pump_port, chain_port, chain_mid_port = free_port(), free_port(), free_port()
     pump = procs.start([sys.executable, "-c", PUMP_RELAY, str(pump_port), str(iperf_port)],
                        "pump-relay", ready="ready")
+    chain_b = procs.start([sys.executable, "-c", PUMP_RELAY, str(chain_mid_port),
+                           str(iperf_port)], "pump-chain-2", ready="ready")
+    chain_a = procs.start([sys.executable, "-c", PUMP_RELAY, str(chain_port),
+                           str(chain_mid_port)], "pump-chain-1", ready="ready")
     wait_port(socat_port)
+    # CPU of the whole path: the relays plus these, plus the iperf3 client (our child).
+    path_pids = [iperf_server.pid, *ksoftirqd_pids()]
 
     # (path, relays, port, the relay processes whose CPU time is counted)
     paths = [("direct TCP", 0, iperf_port, []),
              ("socat relay", 1, socat_port, [socat.pid]),
              ("metac Pump relay", 1, pump_port, [pump.pid]),
+             ("2 metac Pumps chained", 2, chain_port, [chain_a.pid, chain_b.pid]),
              ("metac stream forward", 2, forward_port,
               [forward.pid, service_pid(metac_cli, "stream")])]
     tests = [("1 stream, upload", False, 1), ("1 stream, download", True, 1),
              ("4 streams, upload", False, 4)]
     samples: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
+    path_cpu: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):  # interleaved, so load changes hit every path alike
         for test, reverse, parallel in tests:
             for path, _, port, pids in paths:
                 before = cpu_seconds(pids)
+                others = cpu_seconds(path_pids) + children_cpu_seconds()
                 rate, moved = iperf(port, args.seconds, reverse=reverse, parallel=parallel)
                 time.sleep(0.2)  # socat reaps its per-connection child: count its CPU too
+                relays = cpu_seconds(pids) - before
+                others = cpu_seconds(path_pids) + children_cpu_seconds() - others
                 samples.setdefault((path, test), []).append(round(rate, 3))
-                cpu.setdefault((path, test), []).append((cpu_seconds(pids) - before) / moved * 1e9)
+                cpu.setdefault((path, test), []).append(relays / moved * 1e9)
+                path_cpu.setdefault((path, test), []).append((relays + others) / moved * 1e9)
                 print(f"  round {round_ + 1}: {path:<22} {test:<18} {rate:6.2f} GB/s",
                       file=sys.stderr)
     throughput = [{"path": path, "relays": relays, "test": test,
                    "gbytes_per_s": round(statistics.median(samples[path, test]), 3),
                    "relay_cpu_s_per_gb": round(statistics.median(cpu[path, test]), 3),
+                   "path_cpu_s_per_gb": round(statistics.median(path_cpu[path, test]), 3),
                    "samples": samples[path, test]}
                   for test, _, _ in tests for path, relays, _, _ in paths]
     opened = asyncio.run(capnp.run(open_times(echo_ref, echo_port, forward_echo_port,
                                               args.samples)))
-    return {"throughput": throughput, "open_time": opened}
+    return {"cpus": os.cpu_count() or 1, "throughput": throughput, "open_time": opened}
 
 
 def main() -> int:

@@ -127,6 +127,42 @@ def test_stop_aborts_a_live_pump() -> None:
     run(main())
 
 
+def test_full_pipe_and_blocked_destination_do_not_spin() -> None:
+    """Small messages fill the splice pipe by slots (one per message) long before
+    PIPE_SIZE bytes; with the destination blocked too, the pump must sleep until the
+    destination drains, not wake again and again on its still readable source."""
+    message = b"m" * 100
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a_user, a_pump = _pair()
+        b_pump, b_user = _pair()
+        pump = Pump(Endpoint.of_socket(a_pump), Endpoint.of_socket(b_pump))
+        task = loop.create_task(pump.run())
+        sent, stalled = 0, 0
+        while stalled < 20:  # one skb per message, until everything is full; nobody reads
+            try:
+                sent += a_user.send(message)
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+                await asyncio.sleep(0.01)
+        assert sent > 300 * len(message)  # more messages than the pipe has slots
+        waits = pump.directions[0].waits
+        await asyncio.sleep(0.3)
+        assert pump.directions[0].waits - waits <= 2, "the pump spins"
+        a_user.shutdown(socket.SHUT_WR)
+        received = await _read_all(b_user)
+        assert len(received) == sent and received == message * (sent // len(message))
+        b_user.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert pump.error is None and pump.spliced
+        a_user.close()
+        b_user.close()
+
+    run(main())
+
+
 def test_pipes_and_a_file(tmp_path) -> None:
     content = os.urandom(5 << 20)
     path = tmp_path / "data"

@@ -233,9 +233,18 @@ class _Direction:
                 if self.eof and not buffered:
                     return True
                 if not moved:
+                    # Nothing moved either way. With bytes in the pipe, wait for the
+                    # destination only: the pipe can be full below ``cap`` bytes (it has
+                    # cap / page-size slots and a socket fills one per skb fragment, which
+                    # is often less than a page), and then splicing into it fails with
+                    # EAGAIN while the source stays readable, so waiting on the source as
+                    # well would spin until the destination drains. Reading resumes after
+                    # the next write. With an empty pipe, only the source can unblock us.
                     self.waits += 1
-                    await _wait_fds(self._rwait if not self.eof and buffered < cap else None,
-                                    self._wwait if buffered else None)
+                    if buffered:
+                        await _wait_fds(None, self._wwait)
+                    else:
+                        await _wait_fds(self._rwait, None)
         finally:
             os.close(pr)
             os.close(pw)
