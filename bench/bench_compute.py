@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -52,23 +50,24 @@ REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("metac") is None:  # a checkout without the package installed
     sys.path.insert(0, str(REPO / "src"))
 
-import metac  # noqa: E402
+from _support import (  # noqa: E402
+    child_env,
+    die_with_parent,
+    free_port,
+    percentile,
+    stop_pid,
+    wait_ready_line,
+    write_json,
+)
+
 from metac import api  # noqa: E402
 from metac.compute import oci, rootfs, runtime  # noqa: E402
 from metac.schema.load import compute, fs  # noqa: E402
 
-READY_LINE = "metac node ready"
 DEFAULT_OUT = REPO / "bench" / "results" / "compute.json"
-_PR_SET_PDEATHSIG = 1
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    rank = max(1, round(q / 100 * len(values) + 0.5 - 1e-9))
-    return values[min(rank, len(values)) - 1]
 
 
 def summary_ms(samples_s: list[float]) -> dict[str, Any]:
@@ -76,40 +75,6 @@ def summary_ms(samples_s: list[float]) -> dict[str, Any]:
     return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 1),
             "p90_ms": round(percentile(ms, 90), 1), "mean_ms": round(sum(ms) / len(ms), 1),
             "min_ms": round(ms[0], 1), "max_ms": round(ms[-1], 1)}
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    pkg_parent = str(Path(metac.__file__).resolve().parent.parent)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if pkg_parent not in parts:
-        parts.insert(0, pkg_parent)
-    env["PYTHONPATH"] = os.pathsep.join(parts)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_pid(proc: subprocess.Popen[Any], grace: float = 15.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def timed(fn: Callable[[], None], n: int, warmup: int) -> list[float]:
@@ -141,7 +106,8 @@ class Node:
         self.run_dir = root / "run"
         self.log = root / "node.log"
         self.env = child_env({"METAC_RUNTIME_DIR": str(self.run_dir),
-                              "METAC_COMPUTE_RUNTIME": runtime_pref})
+                              "METAC_COMPUTE_RUNTIME": runtime_pref},
+                             drop_notify_socket=False)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -150,12 +116,8 @@ class Node:
                 "--runtime-dir", str(self.run_dir)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=self.env, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while READY_LINE not in self.log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("node did not start:\n" + self.log.read_text()[-2000:])
-            time.sleep(0.05)
+                                         env=self.env, preexec_fn=die_with_parent)
+        wait_ready_line(self.log, self.proc)
 
     def metac(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([sys.executable, "-m", "metac", *args], env=self.env,
@@ -275,7 +237,7 @@ def bench_ssh(tmp: Path, n: int, warmup: int) -> dict[str, Any]:
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=open(d / "sshd.log", "wb"),  # noqa: SIM115
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -355,8 +317,7 @@ def main() -> int:
               "samples": n, "results": results}
     print(table(results))
     print(f"metac's runtime: {results.get('metac_runtime')}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

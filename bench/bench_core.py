@@ -26,15 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
-import json
 import os
 import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,14 +48,23 @@ REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("metac") is None:  # a checkout without the package installed
     sys.path.insert(0, str(REPO / "src"))
 
+from _support import (  # noqa: E402
+    READY_LINE,
+    child_env,
+    die_with_parent,
+    free_port,
+    loopback_b,
+    percentile,
+    stop_pid,
+    write_json,
+)
+
 import metac  # noqa: E402
 from metac import api, errors  # noqa: E402
 from metac.codec.refs import SturdyRef  # noqa: E402
 from metac.schema.load import core, demo, persistence  # noqa: E402
 
-READY_LINE = "metac node ready"
 DEFAULT_OUT = REPO / "bench" / "results" / "core.json"
-_PR_SET_PDEATHSIG = 1
 
 ECHO_SCHEMA = """\
 @0x{id:016x};
@@ -89,14 +95,6 @@ QUICK = Sizes(calls=500, warmup=50, connections=30, create_seq=200, create_par=5
 # --- statistics ------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(q / 100 * len(sorted_values) + 0.5 - 1e-9))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def summary_us(samples_ns: list[int]) -> dict[str, Any]:
     values = sorted(s / 1000 for s in samples_ns)
     return {
@@ -125,41 +123,6 @@ async def time_calls(call: Callable[[], Awaitable[Any]], n: int, warmup: int) ->
 # --- processes -------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if the bench dies, its nodes get SIGTERM
-    # (and stop their services) instead of lingering.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def child_env() -> dict[str, str]:
-    """The environment for child processes: importing the same ``metac``."""
-    env = dict(os.environ)
-    pkg_parent = str(Path(metac.__file__).resolve().parent.parent)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if pkg_parent not in parts:
-        parts.insert(0, pkg_parent)
-    env["PYTHONPATH"] = os.pathsep.join(parts)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("NOTIFY_SOCKET", None)
-    return env
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def loopback_b() -> str:
-    """127.0.0.2 if this host can bind it (Linux: all of 127/8 is loopback), else 127.0.0.1."""
-    try:
-        free_port("127.0.0.2")
-        return "127.0.0.2"
-    except OSError:
-        return "127.0.0.1"
-
-
 def child_pids(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -175,22 +138,6 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return data[data.rfind(b")") + 2:][:1] != b"Z"
-
-
-def stop_pid(proc: subprocess.Popen[Any], grace: float = 15.0) -> int:
-    """SIGTERM, wait ``grace``, SIGKILL; by PID only. Returns the exit status."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            print(f"warning: pid {proc.pid} ignored SIGTERM for {grace:g} s; SIGKILL",
-                  file=sys.stderr)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return int(proc.returncode)
 
 
 class Node:
@@ -226,7 +173,7 @@ class Node:
         self.proc = subprocess.Popen(
             self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, env=child_env(), text=True, bufsize=1,
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
         self._reader = threading.Thread(target=self._read, args=(self.proc,),
                                         name=f"log {self.name}", daemon=True)
         self._reader.start()
@@ -251,7 +198,7 @@ class Node:
         if self.proc is None:
             return
         services = child_pids(self.proc.pid)
-        code = stop_pid(self.proc)
+        code = stop_pid(self.proc, warn=True)
         if self._reader is not None:
             self._reader.join(10)
         self.proc = None
@@ -291,7 +238,7 @@ class EchoServer:
             [sys.executable, str(Path(__file__).resolve()), "--echo-server", str(self.schema),
              self.unix_path, self.host, str(self.port)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=child_env(),
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
@@ -300,7 +247,7 @@ class EchoServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_pid(self.proc, grace=5)
+            stop_pid(self.proc, grace=5, warn=True)
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
             self.proc = None
@@ -659,8 +606,7 @@ def main() -> int:
     }
     print(table(results))
     print(f"\ntotal {report['duration_s']} s", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

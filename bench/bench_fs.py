@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -52,23 +51,13 @@ REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("metac") is None:  # a checkout without the package installed
     sys.path.insert(0, str(REPO / "src"))
 
+from _support import die_with_parent, free_port, stop_pid, wait_ready_line, write_json  # noqa: E402
+
 import metac  # noqa: E402
 from metac.fs import kernel  # noqa: E402
 
-READY_LINE = "metac node ready"
 DEFAULT_OUT = REPO / "bench" / "results" / "fs.json"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _pdeathsig() -> None:
-    _libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 class Procs:
@@ -79,18 +68,12 @@ class Procs:
 
     def start(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         kw.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_pdeathsig, **kw)
+        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent, **kw)
         self.procs.append(proc)
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_pid(proc, grace)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -112,11 +95,7 @@ class Node:
                  "--port", str(self.port), "--state-dir", str(self.dir / "state"),
                  "--runtime-dir", str(self.dir / "run")],
                 stdout=log, stderr=log, env=self.env)
-        deadline = time.monotonic() + 60
-        while READY_LINE not in self.log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node {address} did not start:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
+        wait_ready_line(self.log, self.proc, f"node {address}")
 
     def metac(self, *args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "metac", *args], env=self.env,
@@ -384,8 +363,7 @@ def main() -> int:
         "results": results,
         "ratios": ratio,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -59,13 +58,23 @@ REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("metac") is None:  # a checkout without the package installed
     sys.path.insert(0, str(REPO / "src"))
 
+from _support import (  # noqa: E402
+    READY_LINE,
+    child_env,
+    die_with_parent,
+    free_port,
+    loopback_b,
+    percentile,
+    stop_pid,
+    write_json,
+)
+
 import metac  # noqa: E402
 from metac import api  # noqa: E402
 from metac.core.streams import local_address_for, open_stream  # noqa: E402
 from metac.schema.load import stream  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "stream.json"
-READY_LINE = "metac node ready"
 LOCAL = "127.0.0.1"
 
 ECHO_SERVER = """
@@ -103,36 +112,6 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    pkg_parent = str(Path(metac.__file__).resolve().parent.parent)
-    if pkg_parent not in parts:
-        parts.insert(0, pkg_parent)
-    env["PYTHONPATH"] = os.pathsep.join(parts)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("NOTIFY_SOCKET", None)
-    return env
-
-
-def free_port(host: str = LOCAL) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def node_address() -> str:
-    try:
-        free_port("127.0.0.2")
-        return "127.0.0.2"
-    except OSError:
-        return LOCAL
-
-
 class Processes:
     """Every helper process, stopped by PID at the end."""
 
@@ -145,7 +124,7 @@ class Processes:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE if ready else log, stderr=log,
-                                text=True, env=child_env(), preexec_fn=_die_with_parent)
+                                text=True, env=child_env(), preexec_fn=die_with_parent)
         log.close()
         self.procs.append(proc)
         if ready is not None:
@@ -162,15 +141,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_pid(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
 
@@ -239,12 +210,6 @@ def service_pid(metac_cli: list[str], name: str) -> int:
     out = subprocess.run([*metac_cli, "node", "status", "--json"], check=True,
                          capture_output=True, text=True, env=child_env()).stdout
     return next(int(s["pid"]) for s in json.loads(out)["services"] if s["name"] == name)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def summary_ms(samples: list[float]) -> dict[str, Any]:
@@ -345,7 +310,7 @@ def run(args: argparse.Namespace, root: Path, procs: Processes) -> dict[str, Any
         if shutil.which(program) is None:
             raise SystemExit(f"{program} not found; install the Debian package '{package}'")
     metac_cli = [sys.executable, "-m", "metac", "--runtime-dir", str(root / "run")]
-    address, node_port = node_address(), free_port()
+    address, node_port = loopback_b(), free_port()
     procs.start([*metac_cli, "node", "run", "--address", address, "--port", str(node_port),
                  "--state-dir", str(root / "state"), "--runtime-dir", str(root / "run")], "node")
     wait_ready(root / "node.log")
@@ -449,8 +414,7 @@ def main() -> int:
         "results": results,
     }
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
     return 0
 

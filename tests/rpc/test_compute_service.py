@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine
 from typing import Any
 
 import capnp
@@ -19,10 +18,7 @@ from metac import errors
 from metac.compute import service
 from metac.compute.descriptions import LaunchRequest
 from metac.schema.load import compute, core, fs
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(capnp.run(coro))
+from metac.testing.inproc import run
 
 
 class FakeProcess:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import capnp
 import pytest
 
 from metac import errors
@@ -30,26 +29,16 @@ from metac.fs.exports import FilesystemServer
 from metac.fs.resolve import Directory
 from metac.fs.state import FsState
 from metac.schema.load import fs
+from metac.testing.fstree import make_export_tree
+from metac.testing.inproc import run
 
 LOCAL = "127.0.0.1"
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(capnp.run(coro))
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret").write_text("SECRET")
-    export = tmp_path / "export"
-    (export / "a" / "b").mkdir(parents=True)
-    (export / "a" / "b" / "file").write_text("inside")
-    (export / "link-out").symlink_to("../outside")
-    (export / "abs-out").symlink_to(str(outside))
-    (export / "file-link").symlink_to("../outside/secret")
-    (export / "abs-file-link").symlink_to(str(outside / "secret"))
+    export = make_export_tree(tmp_path)
+    (export / "abs-file-link").symlink_to(str(tmp_path / "outside" / "secret"))
     return export
 
 

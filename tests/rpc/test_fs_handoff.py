@@ -5,19 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any
-
-import capnp
 
 from metac.core.pump import Endpoint
 from metac.core.streams import HandoffStreamServer, StreamHost, memory_pair, open_stream
 from metac.schema.load import stream
+from metac.testing.inproc import run
 
 LOCAL = "127.0.0.1"
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(capnp.run(coro))
 
 
 def test_each_connection_is_handed_to_the_callback() -> None:

@@ -8,7 +8,6 @@ nothing behind; releasing the holder revokes them through
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -16,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import capnp
 import pytest
 
 from metac import errors
@@ -27,6 +25,7 @@ from metac.core.supervisor import Supervisor
 from metac.fs import service
 from metac.fs.state import FsState, TargetSeal
 from metac.schema.load import fs
+from metac.testing.inproc import run
 
 TARGET = SturdyRef.from_parts("10.0.0.1", None, "fs", b"\x07" * 24)
 
@@ -68,10 +67,6 @@ def make_state(tmp_path: Path) -> tuple[FsState, FakeHandler]:
     ctx = ServiceContext(env, None, handler, Supervisor(env.state_dir, "fs"))
     ctx.__dict__["fs_state"] = state = FsState(ctx)
     return state, handler
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(capnp.run(coro))
 
 
 def test_the_target_is_sealed_in_the_description_and_restored_from_it(tmp_path: Path) -> None:

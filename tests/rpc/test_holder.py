@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import capnp
@@ -17,20 +16,7 @@ from metac.core import holder as holder_mod
 from metac.core.holder import HolderServer, Revert
 from metac.core.rpc import Servant
 from metac.schema.load import core, demo
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(capnp.run(coro))
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    # No gc.collect() here: release must not depend on the garbage collector.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+from metac.testing.inproc import Pair, eventually, run
 
 
 @pytest.fixture
@@ -43,32 +29,6 @@ def no_gc() -> Any:
     finally:
         if was_enabled:
             gc.enable()
-
-
-class Pair:
-    """A TwoPartyServer and TwoPartyClient joined by a socketpair."""
-
-    async def open(self, bootstrap: Any) -> Pair:
-        self.socks = socket.socketpair()
-        self.server_stream = await capnp.AsyncIoStream.create_connection(sock=self.socks[0])
-        self.client_stream = await capnp.AsyncIoStream.create_connection(sock=self.socks[1])
-        self.server = capnp.TwoPartyServer(self.server_stream, bootstrap=bootstrap)
-        self.client = capnp.TwoPartyClient(self.client_stream)
-        return self
-
-    def bootstrap(self, interface: Any) -> Any:
-        return self.client.bootstrap().cast_as(interface)
-
-    def close_client(self) -> None:
-        self.client.close()
-        self.client_stream.close()
-        self.socks[1].close()
-
-    async def close(self) -> None:
-        self.close_client()
-        self.server.close()
-        self.server_stream.close()
-        self.socks[0].close()
 
 
 class HolderFactory(Servant, demo.Box.Server):

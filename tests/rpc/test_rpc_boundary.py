@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import capnp
@@ -26,44 +24,9 @@ from metac.core.rpc import (
     serve_unix,
 )
 from metac.schema.load import core, demo
+from metac.testing.inproc import Pair, eventually, run
 
 SECRET_DETAIL = "db password hunter2 at /etc/metac/private.conf"
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(capnp.run(coro))
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-class Pair:
-    """A TwoPartyServer and TwoPartyClient joined by a socketpair."""
-
-    async def open(self, bootstrap: Any) -> Pair:
-        self.socks = socket.socketpair()
-        self.server_stream = await capnp.AsyncIoStream.create_connection(sock=self.socks[0])
-        self.client_stream = await capnp.AsyncIoStream.create_connection(sock=self.socks[1])
-        self.server = capnp.TwoPartyServer(self.server_stream, bootstrap=bootstrap)
-        self.client = capnp.TwoPartyClient(self.client_stream)
-        return self
-
-    def bootstrap(self, interface: Any) -> Any:
-        return self.client.bootstrap().cast_as(interface)
-
-    async def close(self) -> None:
-        self.client.close()
-        self.client_stream.close()
-        self.server.close()
-        self.server_stream.close()
-        for s in self.socks:
-            s.close()
 
 
 class FailingCounter(Servant, demo.Counter.Server):

@@ -13,7 +13,6 @@ import gc
 import os
 import socket
 
-import capnp
 import pytest
 
 from metac import errors
@@ -28,12 +27,9 @@ from metac.core.streams import (
 )
 from metac.core.supervisor import Supervisor
 from metac.schema.load import stream
+from metac.testing.inproc import run
 
 LOCAL = "127.0.0.1"
-
-
-def run(coro):
-    return asyncio.run(capnp.run(coro))
 
 
 def _fd_count() -> int:

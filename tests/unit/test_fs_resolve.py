@@ -11,20 +11,13 @@ import pytest
 
 from metac import errors
 from metac.fs.resolve import Directory, Entry, join, parse_name
+from metac.testing.fstree import make_export_tree
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """export/ (a/b/file, link-out -> ../outside, file-link -> ../outside/secret) and outside/."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret").write_text("SECRET")
-    export = tmp_path / "export"
-    (export / "a" / "b").mkdir(parents=True)
-    (export / "a" / "b" / "file").write_text("inside")
-    (export / "link-out").symlink_to("../outside")
-    (export / "abs-out").symlink_to(str(outside))
-    (export / "file-link").symlink_to("../outside/secret")
+    export = make_export_tree(tmp_path)
     (export / "a" / "up").symlink_to("..")
     return export
 
