@@ -42,7 +42,7 @@ test: lint
 	exit "$$rc"
 
 bench: setup
-	shopt -s nullglob; scripts=(bench/*.py); \
+	shopt -s nullglob; scripts=(bench/bench_*.py); \
 	if [ "$${#scripts[@]}" -eq 0 ]; then echo "bench: no bench/*.py scripts"; exit 0; fi; \
 	for s in "$${scripts[@]}"; do echo "== $$s"; $(PY) "$$s"; done
 
