@@ -10,6 +10,7 @@ service, then the first process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -108,6 +109,11 @@ class ComputeState:
     async def start_env(self, req: LaunchRequest, env_id: str | None = None) -> Environment:
         """A running environment for ``req`` (its process is not launched here)."""
         host = await self.require_host()
+        if self._sweeper is not None and not self._sweeper.done():
+            # The sweep removes directories of environments it does not know; one
+            # being started now (e.g. a persistent one restored at start) must not
+            # be taken for a leftover.
+            await asyncio.shield(self._sweeper)
         env = Environment(host, memory_mib=req.memory_mib, auto_destroy=req.auto_destroy,
                           env_id=env_id)
         env.plan = req
