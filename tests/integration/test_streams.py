@@ -29,7 +29,7 @@ DEMO = {"demo": "metac.testing.demo"}
 MiB = 1 << 20
 
 GEN = textwrap.dedent("""
-    import random
+    import asyncio, hashlib, random
 
     def gen(seed, size):
         # Deterministic bytes: a random 1 MiB block, rotated differently for every chunk.
@@ -41,13 +41,6 @@ GEN = textwrap.dedent("""
             yield chunk[:size]
             size -= len(chunk)
             i += 1
-""")
-
-SERVERS = GEN + textwrap.dedent("""
-    import asyncio, hashlib, json, sys
-
-    def emit(**event):
-        print(json.dumps(event), flush=True)
 
     async def exchange(reader, writer, seed, size):
         async def send():
@@ -68,6 +61,14 @@ SERVERS = GEN + textwrap.dedent("""
 
         sent, (got, n) = await asyncio.gather(send(), recv())
         return {"sent": sent, "received": got, "received_bytes": n}
+""")
+
+SERVERS = GEN + textwrap.dedent("""
+    import asyncio, hashlib, json, sys
+
+    def emit(**event):
+        print(json.dumps(event), flush=True)
+
 
     async def main(mode, where, *rest):
         count = 0
@@ -113,27 +114,10 @@ HASH_CLIENT = GEN + textwrap.dedent("""
 
     async def one(port, seed, size):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-        async def send():
-            h = hashlib.sha256()
-            writer.write(seed.to_bytes(8, "big") + size.to_bytes(8, "big"))
-            for chunk in gen(seed, size):
-                h.update(chunk)
-                writer.write(chunk)
-                await writer.drain()
-            writer.write_eof()
-            return h.hexdigest()
-
-        async def recv():
-            h, n = hashlib.sha256(), 0
-            while data := await reader.read(1 << 18):
-                h.update(data)
-                n += len(data)
-            return h.hexdigest(), n
-
-        sent, (got, n) = await asyncio.gather(send(), recv())
+        writer.write(seed.to_bytes(8, "big") + size.to_bytes(8, "big"))
+        result = await exchange(reader, writer, seed, size)
         writer.close()
-        return {"seed": seed, "sent": sent, "received": got, "received_bytes": n}
+        return {"seed": seed, **result}
 
     async def main(port, sizes):
         sizes = [int(s) for s in sizes.split(",")]

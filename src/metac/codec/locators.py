@@ -134,44 +134,37 @@ class LocalPath(Locator):
 
 
 @dataclass(frozen=True, slots=True)
-class NewLocal(Locator):
+class _DeviceName(Locator):
+    """A network device name after a prefix (shared by ``newlocal:`` and ``local:``)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        check_ifname(self.name)
+
+    @classmethod
+    def _from_value(cls, value: str) -> Locator:
+        return cls(value)
+
+    def format(self) -> str:
+        return f"{self.PREFIX or self.KIND}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewLocal(_DeviceName):
     """``newlocal:NAME``: a local network device that is to be created."""
 
     KIND: ClassVar[str] = "newlocal"
     SYNTAX: ClassVar[str] = "newlocal:NAME"
 
-    name: str
-
-    def __post_init__(self) -> None:
-        check_ifname(self.name)
-
-    @classmethod
-    def _from_value(cls, value: str) -> Locator:
-        return cls(value)
-
-    def format(self) -> str:
-        return f"newlocal:{self.name}"
-
 
 @dataclass(frozen=True, slots=True)
-class LocalDevice(Locator):
+class LocalDevice(_DeviceName):
     """``local:NAME`` read as an existing network device (only when ``localdev`` is allowed)."""
 
     KIND: ClassVar[str] = "localdev"
     SYNTAX: ClassVar[str] = "local:DEVICE"
     PREFIX: ClassVar[str] = "local"
-
-    name: str
-
-    def __post_init__(self) -> None:
-        check_ifname(self.name)
-
-    @classmethod
-    def _from_value(cls, value: str) -> Locator:
-        return cls(value)
-
-    def format(self) -> str:
-        return f"local:{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
