@@ -14,10 +14,16 @@ Everything runs on loopback: node A (serving) on 127.0.0.1 and node B
       * sequential read: dd bs=1M after dropping the page cache (cold);
       * metadata ops/s: create + stat + unlink of N empty files, counted as 3 ops each.
   (b) block: a disk image exported by node A, attached on node B with
-      `metac block attach` (sequential dd with O_DIRECT on the device), next to
-      nbdcopy straight against nbdkit (unix socket, same image) reading to
-      null: and writing from a file in /dev/shm (the image is in /dev/shm too, so
-      the numbers are the transport's, not the disk's; nbdcopy --flush, dd conv=fsync).
+      `metac block attach`, next to nbdcopy straight against nbdkit (unix
+      socket, same image). The attached device is measured with nbdcopy too
+      (the same I/O engine: threads, many requests in flight), which is what the
+      target compares, and with dd O_DIRECT bs=1M (one request at a time).
+      Writes come from a file in /dev/shm and are flushed (nbdcopy --flush, dd
+      conv=fsync); reads go to null: after dropping the page cache. The image
+      is in /dev/shm too, so the numbers are the transport's, not the disk's.
+  (c) with --guest: (b) again inside a QEMU guest (Debian 12 kernel, TCG), where
+      the kernel has an NBD client, so `metac block attach` uses kernel NBD
+      instead of nbdfuse + loop. Both rows of that table come from the guest.
 
 Each number is the median of --repeat runs. Prints a table and writes JSON to
 ``bench/results/fs.json``. Every process it starts is stopped by PID, every
@@ -25,6 +31,7 @@ mount and loop device it made is removed, also on failure or Ctrl-C. Dropping
 the page cache (``/proc/sys/vm/drop_caches``) affects the whole machine.
 
 Usage: python bench/bench_fs.py [--quick] [--size MIB] [--files N] [--repeat K] [--out FILE]
+                                [--block-only] [--guest]
 """
 
 from __future__ import annotations
@@ -186,54 +193,51 @@ def sshd_sshfs(procs: Procs, root: Path, export: Path, mnt: Path) -> Iterator[No
         procs.stop(sshd)
 
 
-def nbdcopy_suite(procs: Procs, root: Path, image: Path, size_mib: int,
+def timed_mib_s(size_mib: int, argv: list[str]) -> float:
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, timeout=600)
+    return size_mib / (time.monotonic() - t0)
+
+
+def nbdcopy_pair(target: str, src: Path, size_mib: int, repeat: int) -> dict[str, float]:
+    """nbdcopy from ``src`` to ``target`` (then flushed) and from ``target`` to null:, cold."""
+    def read() -> float:
+        drop_caches()
+        return timed_mib_s(size_mib, ["nbdcopy", target, "null:"])
+
+    return {"write_mib_s": median_of(repeat, lambda: timed_mib_s(
+                size_mib, ["nbdcopy", "--flush", str(src), target])),
+            "read_mib_s": median_of(repeat, read)}
+
+
+def nbdcopy_suite(procs: Procs, root: Path, image: Path, src: Path, size_mib: int,
                   repeat: int) -> dict[str, float]:
     sock = root / "nbdkit.sock"
     server = procs.start(["nbdkit", "-f", "-U", str(sock), "file", str(image)])
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("nbdkit did not start")
-        time.sleep(0.05)
-    uri = f"nbd+unix:///?socket={sock}"
-    src = Path("/dev/shm") / f"metac-bench-{os.getpid()}"
     try:
-        subprocess.run(["dd", "if=/dev/urandom", f"of={src}", "bs=1M", f"count={size_mib}",
-                        "status=none"], check=True)
-
-        def timed(argv: list[str]) -> float:
-            t0 = time.monotonic()
-            subprocess.run(argv, check=True, timeout=600)
-            return size_mib / (time.monotonic() - t0)
-
-        def read() -> float:
-            drop_caches()
-            return timed(["nbdcopy", uri, "null:"])
-
-        return {"write_mib_s": median_of(repeat, lambda: timed(["nbdcopy", "--flush", str(src),
-                                                                uri])),
-                "read_mib_s": median_of(repeat, read)}
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nbdkit did not start")
+            time.sleep(0.05)
+        return nbdcopy_pair(f"nbd+unix:///?socket={sock}", src, size_mib, repeat)
     finally:
-        src.unlink(missing_ok=True)
         procs.stop(server)
 
 
-def attach_suite(device: str, size_mib: int, repeat: int) -> dict[str, float]:
-    src = Path("/dev/shm") / f"metac-bench-{os.getpid()}"
-    try:
-        subprocess.run(["dd", "if=/dev/urandom", f"of={src}", "bs=1M", f"count={size_mib}",
-                        "status=none"], check=True)
+def copy_suite(device: str, src: Path, size_mib: int, repeat: int) -> dict[str, float]:
+    return nbdcopy_pair(device, src, size_mib, repeat)
 
-        def write() -> float:
-            return size_mib / dd(f"if={src}", f"of={device}", "oflag=direct", "conv=fsync")
 
-        def read() -> float:
-            drop_caches()
-            return size_mib / dd(f"if={device}", "of=/dev/null", "iflag=direct")
+def dd_suite(device: str, src: Path, size_mib: int, repeat: int) -> dict[str, float]:
+    def write() -> float:
+        return size_mib / dd(f"if={src}", f"of={device}", "oflag=direct", "conv=fsync")
 
-        return {"write_mib_s": median_of(repeat, write), "read_mib_s": median_of(repeat, read)}
-    finally:
-        src.unlink(missing_ok=True)
+    def read() -> float:
+        drop_caches()
+        return size_mib / dd(f"if={device}", "of=/dev/null", "iflag=direct")
+
+    return {"write_mib_s": median_of(repeat, write), "read_mib_s": median_of(repeat, read)}
 
 
 def cleanup_mounts(root: Path) -> None:
@@ -250,6 +254,60 @@ def cleanup_mounts(root: Path) -> None:
             subprocess.run(["losetup", "-d", dev], check=False)
 
 
+def files_suite(procs: Procs, root: Path, a: Node, b: Node,
+                args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    local = root / "local"
+    export = root / "export"
+    mnt = root / "mnt"
+    for d in (local, export, mnt):
+        d.mkdir()
+    print("files: local disk ...", flush=True)
+    results["local disk"] = file_suite(local, args.size, args.files, args.repeat)
+    print("files: sshfs over ssh to localhost ...", flush=True)
+    with sshd_sshfs(procs, root, export, mnt):
+        results["sshfs over ssh"] = file_suite(mnt, args.size, args.files, args.repeat)
+    ref = a.metac("fs", "export", f"local:{export}")
+    out = b.metac("fs", "mount", ref, str(mnt))
+    method = out.rsplit("(", 1)[-1].rstrip(")")
+    print(f"files: metac fs mount ({method}) ...", flush=True)
+    results[f"metac fs mount ({method})"] = file_suite(mnt, args.size, args.files, args.repeat)
+    b.metac("fs", "umount", str(mnt))
+    return results
+
+
+def block_suite(procs: Procs, shm: Path, root: Path, a: Node, b: Node, size_mib: int,
+                repeat: int) -> dict[str, dict[str, float]]:
+    """nbdcopy against nbdkit, then nbdcopy and dd against the attached device.
+
+    The image lives in /dev/shm for every path: the numbers are the transport's, not
+    the disk's (and it is written through once, so no run pays for allocating it).
+    nbdcopy is the same I/O engine on both sides (multi-threaded, many requests in
+    flight); dd with O_DIRECT is one 1 MiB request at a time (what a simple copy does).
+    """
+    results: dict[str, dict[str, float]] = {}
+    image = shm / "disk.img"
+    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", f"count={size_mib}",
+                    "status=none"], check=True)
+    src = shm / "source.dat"
+    subprocess.run(["dd", "if=/dev/urandom", f"of={src}", "bs=1M", f"count={size_mib}",
+                    "status=none"], check=True)
+    print("block: nbdcopy against nbdkit ...", flush=True)
+    results["nbdcopy <-> nbdkit"] = nbdcopy_suite(procs, root, image, src, size_mib, repeat)
+    bref = a.metac("block", "export", f"local:{image}")
+    device = b.metac("block", "attach", bref)
+    method = json.loads(b.metac("block", "ls", "--json"))[0]["method"]
+    print(f"block: metac block attach ({method}, {device}) ...", flush=True)
+    try:
+        results[f"nbdcopy <-> metac block attach ({method})"] = copy_suite(
+            device, src, size_mib, repeat)
+        results[f"dd O_DIRECT <-> metac block attach ({method})"] = dd_suite(
+            device, src, size_mib, repeat)
+    finally:
+        b.metac("block", "detach", device)
+    return results
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="metac-bench-fs-"))
     shm = Path(tempfile.mkdtemp(prefix="metac-bench-fs-", dir="/dev/shm"))
@@ -261,42 +319,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        local = root / "local"
-        export = root / "export"
-        mnt = root / "mnt"
-        for d in (local, export, mnt):
-            d.mkdir()
-        print("files: local disk ...", flush=True)
-        results["files"]["local disk"] = file_suite(local, args.size, args.files, args.repeat)
-        print("files: sshfs over ssh to localhost ...", flush=True)
-        with sshd_sshfs(procs, root, export, mnt):
-            results["files"]["sshfs over ssh"] = file_suite(mnt, args.size, args.files,
-                                                            args.repeat)
         a = Node(procs, root, "127.0.0.1")
         b = Node(procs, root, "127.0.0.2")
-        ref = a.metac("fs", "export", f"local:{export}")
-        out = b.metac("fs", "mount", ref, str(mnt))
-        method = out.rsplit("(", 1)[-1].rstrip(")")
-        print(f"files: metac fs mount ({method}) ...", flush=True)
-        results["files"][f"metac fs mount ({method})"] = file_suite(mnt, args.size, args.files,
-                                                                  args.repeat)
-        b.metac("fs", "umount", str(mnt))
-
-        # The image lives in /dev/shm for both block paths: the numbers are the transport's,
-        # not the disk's (and written through once, so no run pays for allocating it).
-        image = shm / "disk.img"
-        subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", f"count={args.size}",
-                        "status=none"], check=True)
-        print("block: nbdcopy against nbdkit ...", flush=True)
-        results["block"]["nbdcopy <-> nbdkit"] = nbdcopy_suite(procs, root, image, args.size,
-                                                               args.repeat)
-        bref = a.metac("block", "export", f"local:{image}")
-        device = b.metac("block", "attach", bref)
-        listed = json.loads(b.metac("block", "ls", "--json"))
-        print(f"block: metac block attach ({listed[0]['method']}, {device}) ...", flush=True)
-        results["block"][f"metac block attach ({listed[0]['method']})"] = attach_suite(
-            device, args.size, args.repeat)
-        b.metac("block", "detach", device)
+        if not args.block_only:
+            results["files"] = files_suite(procs, root, a, b, args)
+        results["block"] = block_suite(procs, shm, root, a, b, args.size, args.repeat)
     finally:
         procs.close()
         cleanup_mounts(root)
@@ -305,33 +332,75 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def ratios(results: dict[str, Any]) -> dict[str, float]:
-    files, block = results["files"], results["block"]
-    ours = next(v for k, v in files.items() if k.startswith("metac"))
-    ssh = files["sshfs over ssh"]
+def block_ratios(block: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
     theirs = block["nbdcopy <-> nbdkit"]
-    attached = next(v for k, v in block.items() if k.startswith("metac"))
-    return {
-        "fs_write_vs_sshfs": ours["write_mib_s"] / ssh["write_mib_s"],
-        "fs_read_vs_sshfs": ours["read_mib_s"] / ssh["read_mib_s"],
-        "fs_metadata_vs_sshfs": ours["metadata_ops_s"] / ssh["metadata_ops_s"],
-        "block_write_vs_nbdcopy": attached["write_mib_s"] / theirs["write_mib_s"],
-        "block_read_vs_nbdcopy": attached["read_mib_s"] / theirs["read_mib_s"],
-    }
+    out = {}
+    for tool, key in (("nbdcopy", "block"), ("dd", "block_dd")):
+        ours = next(v for k, v in block.items() if k.startswith(tool) and "metac" in k)
+        for way in ("write", "read"):
+            out[f"{prefix}{key}_{way}_vs_nbdcopy"] = (ours[f"{way}_mib_s"]
+                                                     / theirs[f"{way}_mib_s"])
+    return out
+
+
+def guest_block(size_mib: int, repeat: int) -> dict[str, dict[str, float]]:
+    """The block part again in a QEMU guest whose kernel has NBD (see docs/testing-guest.md)."""
+    from metac.testing import guest
+
+    print(f"block, in a QEMU guest (kernel NBD, TCG, {size_mib} MiB) ...", flush=True)
+    out_name = "fs-guest.json"
+    result = guest.run_in_guest(
+        [sys.executable, str(Path(__file__).resolve()), "--block-only", "--size", str(size_mib),
+         "--repeat", str(repeat), "--out", f"{guest.GUEST_OUT}/{out_name}"],
+        cwd=str(REPO), timeout=3600)
+    if result.returncode != 0 or out_name not in result.files:
+        raise RuntimeError(f"the guest run failed (exit {result.returncode}):\n"
+                           + result.output[-3000:])
+    block: dict[str, dict[str, float]] = json.loads(result.files[out_name])["results"]["block"]
+    if not any("(nbd)" in name for name in block):
+        raise RuntimeError(f"the guest did not use kernel NBD: {sorted(block)}")
+    print(f"  guest: boot {result.boot_seconds:.1f} s, run {result.run_seconds:.1f} s",
+          flush=True)
+    return block
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    files = results["files"]
+    if files:
+        ours = next(v for k, v in files.items() if k.startswith("metac"))
+        ssh = files["sshfs over ssh"]
+        out.update({
+            "fs_write_vs_sshfs": ours["write_mib_s"] / ssh["write_mib_s"],
+            "fs_read_vs_sshfs": ours["read_mib_s"] / ssh["read_mib_s"],
+            "fs_metadata_vs_sshfs": ours["metadata_ops_s"] / ssh["metadata_ops_s"],
+        })
+    out.update(block_ratios(results["block"], ""))
+    if results.get("guest_block"):
+        out.update(block_ratios(results["guest_block"], "guest_"))
+    return out
 
 
 def print_table(results: dict[str, Any], ratio: dict[str, float]) -> None:
     print()
-    print(f"{'files':34} {'write MiB/s':>12} {'read MiB/s':>12} {'metadata ops/s':>15}")
-    for name, r in results["files"].items():
-        print(f"{name:34} {r['write_mib_s']:12.0f} {r['read_mib_s']:12.0f} "
-              f"{r['metadata_ops_s']:15.0f}")
-    print(f"\n{'block':34} {'write MiB/s':>12} {'read MiB/s':>12}")
-    for name, r in results["block"].items():
-        print(f"{name:34} {r['write_mib_s']:12.0f} {r['read_mib_s']:12.0f}")
-    print("\nratios (target: fs >= 1.5x sshfs over ssh, block >= 0.8x nbdcopy)")
+    if results["files"]:
+        print(f"{'files':44} {'write MiB/s':>12} {'read MiB/s':>12} {'metadata ops/s':>15}")
+        for name, r in results["files"].items():
+            print(f"{name:44} {r['write_mib_s']:12.0f} {r['read_mib_s']:12.0f} "
+                  f"{r['metadata_ops_s']:15.0f}")
+        print()
+    for section, title in (("block", "block"),
+                           ("guest_block", "block, in a QEMU guest (kernel NBD, TCG)")):
+        if not results.get(section):
+            continue
+        print(f"{title:44} {'write MiB/s':>12} {'read MiB/s':>12}")
+        for name, r in results[section].items():
+            print(f"{name:44} {r['write_mib_s']:12.0f} {r['read_mib_s']:12.0f}")
+        print()
+    print("ratios (target: fs >= 1.5x sshfs over ssh; block, nbdcopy through the attached "
+          "device, >= 0.8x nbdcopy against nbdkit)")
     for name, value in ratio.items():
-        print(f"  {name:28} {value:5.2f}x")
+        print(f"  {name:34} {value:5.2f}x")
 
 
 def main() -> int:
@@ -341,6 +410,11 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=2000, help="files for the metadata run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per number (median)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--block-only", action="store_true", help="skip the files part")
+    parser.add_argument("--guest", action="store_true",
+                        help="also run the block part in a QEMU guest with kernel NBD")
+    parser.add_argument("--guest-size", type=int, default=256,
+                        help="MiB per sequential run in the guest (TCG is slow)")
     args = parser.parse_args()
     if args.quick:
         args.size, args.files, args.repeat = 256, 500, 1
@@ -352,6 +426,8 @@ def main() -> int:
             print(f"bench_fs needs {prog}", file=sys.stderr)
             return 2
     results = run(args)
+    if args.guest:
+        results["guest_block"] = guest_block(args.guest_size, args.repeat)
     ratio = ratios(results)
     print_table(results, ratio)
     report = {

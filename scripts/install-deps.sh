@@ -51,6 +51,15 @@ if ((${#MISSING[@]})); then
     ((${#STILL[@]} == 0)) || die "Debian packages still not installed: ${STILL[*]}"
 fi
 
+# ---------------------------------------------------------------- guest kernel
+# The Debian kernel (unpacked, not installed) that tests/guest boots in QEMU to run
+# the 9p and NBD kernel clients this host's kernel lacks. Fast when already there.
+if [ "$(id -u)" -eq 0 ]; then
+    bash "$REPO_ROOT/scripts/guest-kernel.sh" || die "scripts/guest-kernel.sh failed"
+else
+    log "not root: skipped scripts/guest-kernel.sh (the QEMU guest tests need it)"
+fi
+
 # ---------------------------------------------------------------- Python
 py_ok() { # usable interpreter >= 3.11 with the venv module
     "$1" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1

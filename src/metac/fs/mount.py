@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import subprocess
 from typing import Any
 
 from metac import errors
@@ -50,7 +52,27 @@ NINEP_MSIZE = 512 * 1024
 SSHFS_OPTIONS = "passive,allow_other,default_permissions,idmap=none,max_write=262144"
 
 
+_tried_modprobe_9p = False
+
+
 def kernel_has_9p() -> bool:
+    """True if the kernel has the 9p filesystem (and so, we assume, its fd transport).
+
+    A stock distribution kernel (Debian 12) has 9p as modules that nothing loads
+    until a 9p mount, so ``/proc/filesystems`` does not list it and "auto" would
+    pick sftp. The first call loads 9p and its fd transport (9pnet_fd, a module of
+    its own since Linux 6.1) with ``modprobe -q`` when this kernel has a module
+    tree. Cheap afterwards; never raises."""
+    global _tried_modprobe_9p
+    if (not _tried_modprobe_9p and not os.path.isdir("/sys/module/9pnet_fd")
+            and os.path.isdir(f"/lib/modules/{os.uname().release}")):
+        _tried_modprobe_9p = True
+        modprobe = shutil.which("modprobe") or "/sbin/modprobe"
+        for module in ("9p", "9pnet_fd"):  # 9pnet_fd fails on kernels where 9pnet has fd
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([modprobe, "-q", module], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=10, check=False)
     return "9p" in kernel.filesystem_types()
 
 
@@ -71,8 +93,12 @@ def choose_method(wanted: str, *, local: bool) -> str:
 
 
 def ninep_options(fd: int) -> str:
+    # uname=root: the kernel's first attach names no uid (n_uname unset), only a
+    # user name ("nobody" by default), and diod -N (no user database) cannot look
+    # a name up except root's. The attaches made per user (access=client) carry
+    # each user's uid.
     return ",".join([f"trans=fd,rfdno={fd},wfdno={fd}", "version=9p2000.L", "aname=/export",
-                     "access=client", f"msize={NINEP_MSIZE}", "cache=mmap"])
+                     "uname=root", "access=client", f"msize={NINEP_MSIZE}", "cache=mmap"])
 
 
 def sshfs_argv(sshfs: str, path: str, marker: str, *, read_only: bool) -> list[str]:
@@ -148,7 +174,12 @@ class MountSession(Session):
         sock.setblocking(True)
         fd = sock.fileno()
         flags = kernel.MS_NOSUID | kernel.MS_NODEV | (kernel.MS_RDONLY if self.read_only else 0)
-        kernel.mount(self.marker, self.path, "9p", flags, ninep_options(fd))
+        try:
+            kernel.mount(self.marker, self.path, "9p", flags, ninep_options(fd))
+        except OSError as e:  # the kernel's 9p client or the server refused: say so
+            raise errors.Unavailable(f"the kernel's 9p mount of {self.path} failed: "
+                                     f"{os.strerror(e.errno or 0)}; --method sftp "
+                                     "mounts through sshfs instead") from e
         self._ninep_fd = os.dup(fd)  # for watching the TCP state; the kernel has its own
         sock.close()
 
