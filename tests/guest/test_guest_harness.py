@@ -67,3 +67,4 @@ def test_job_script_quotes_everything(tmp_path: Path) -> None:
 def test_busybox_is_static() -> None:
     assert guest._is_static_elf(guest.BUSYBOX)
     assert not guest._is_static_elf("/usr/bin/env")
+

@@ -14,8 +14,9 @@ How (see docs/testing-guest.md):
   virtio-9p, and an ``/init`` script.
 * ``/init`` mounts the host root read-only over virtio-9p, puts an overlay with
   a tmpfs upper layer on top (so ``/lib/modules/<release>`` can be bound in and
-  stray writes land in RAM), fresh tmpfs on ``/tmp``, ``/run``, ``/var/tmp``
-  and ``/root``, and switches root into it. A second small script then
+  stray writes land in RAM), a fresh tmpfs on ``/run`` (``/tmp`` and ``/root``
+  stay the host's, through the overlay: a checkout may live there), and switches
+  root into it. A second small script then
   runs the job the host wrote into a read-write "io" share, records its exit
   status and powers the guest off.
 * QEMU runs with TCG (``-accel tcg,thread=multi``: this host's ``/dev/kvm`` is
@@ -241,13 +242,11 @@ mount -t tmpfs -o mode=0755 upper /upper || fail "tmpfs /upper"
 mkdir -p /upper/u /upper/w
 mount -t overlay -o lowerdir=/host,upperdir=/upper/u,workdir=/upper/w guestroot /newroot \
     || fail "overlay root"
-for d in tmp var/tmp; do
-    mount -t tmpfs -o mode=1777 tmpfs "/newroot/$d" || fail "tmpfs /$d"
-done
-for d in run root; do
-    mount -t tmpfs -o mode=0755 tmpfs "/newroot/$d" || fail "tmpfs /$d"
-done
-chmod 0700 /newroot/root
+# /tmp, /var/tmp and /root stay the host's, seen through the overlay (writes land in
+# its tmpfs upper layer): a checkout (a CI clone, say) may live there, and the job runs
+# in it. /run gets a fresh tmpfs: the host's run-time state (netns names, sockets)
+# means nothing in the guest.
+mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs /run"
 
 # modprobe (and the kernel's request_module) look in /lib/modules/$(uname -r).
 if [ -n "$kdir" ] && [ -d "/newroot$kdir/lib/modules/$release" ]; then
