@@ -14,9 +14,9 @@ How (see docs/testing-guest.md):
   virtio-9p, and an ``/init`` script.
 * ``/init`` mounts the host root read-only over virtio-9p, puts an overlay with
   a tmpfs upper layer on top (so ``/lib/modules/<release>`` can be bound in and
-  stray writes land in RAM), a fresh tmpfs on ``/run`` (``/tmp`` and ``/root``
-  stay the host's, through the overlay: a checkout may live there), and switches
-  root into it. A second small script then
+  stray writes land in RAM), fresh tmpfs on ``/tmp``, ``/run``, ``/var/tmp``
+  and ``/root`` (except the job's own directory, kept as the overlay shows it: a
+  checkout may live in /tmp), and switches root into it. A second small script then
   runs the job the host wrote into a read-write "io" share, records its exit
   status and powers the guest off.
 * QEMU runs with TCG (``-accel tcg,thread=multi``: this host's ``/dev/kvm`` is
@@ -220,8 +220,12 @@ fail() {
 }
 
 kdir=
+cwd=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in metac.kdir=*) kdir="${arg#metac.kdir=}" ;; esac
+    case "$arg" in
+        metac.kdir=*) kdir="${arg#metac.kdir=}" ;;
+        metac.cwd=*) cwd="${arg#metac.cwd=}" ;;
+    esac
 done
 release="$(uname -r)"
 
@@ -242,11 +246,26 @@ mount -t tmpfs -o mode=0755 upper /upper || fail "tmpfs /upper"
 mkdir -p /upper/u /upper/w
 mount -t overlay -o lowerdir=/host,upperdir=/upper/u,workdir=/upper/w guestroot /newroot \
     || fail "overlay root"
-# /tmp, /var/tmp and /root stay the host's, seen through the overlay (writes land in
-# its tmpfs upper layer): a checkout (a CI clone, say) may live there, and the job runs
-# in it. /run gets a fresh tmpfs: the host's run-time state (netns names, sockets)
-# means nothing in the guest.
-mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs /run"
+# The job's directory (metac.cwd=) may live under a directory that gets a fresh tmpfs
+# below (a CI clone in /tmp, say): keep its overlay view aside and put it back after.
+kept=
+if [ -n "$cwd" ] && [ -d "/newroot$cwd" ]; then
+    case "$cwd" in /tmp/*|/var/tmp/*|/run/*|/root/*)
+        mkdir -p /kept && mount --bind "/newroot$cwd" /kept && kept=1 ;;
+    esac
+fi
+# Fresh tmpfs where tests make sockets, mounts and scratch files, not the overlay: a
+# 9p export of a directory on the overlay failed (ENOTDIR through the mount).
+for d in tmp var/tmp; do
+    mount -t tmpfs -o mode=1777 tmpfs "/newroot/$d" || fail "tmpfs /$d"
+done
+for d in run root; do
+    mount -t tmpfs -o mode=0755 tmpfs "/newroot/$d" || fail "tmpfs /$d"
+done
+chmod 0700 /newroot/root
+if [ -n "$kept" ]; then
+    mkdir -p "/newroot$cwd" && mount --move /kept "/newroot$cwd" || fail "keep $cwd"
+fi
 
 # modprobe (and the kernel's request_module) look in /lib/modules/$(uname -r).
 if [ -n "$kdir" ] && [ -d "/newroot$kdir/lib/modules/$release" ]; then
@@ -407,10 +426,13 @@ def job_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
 
 
 def qemu_argv(qemu: str, kernel: GuestKernel, initramfs: Path, io_dir: str, *,
-              memory_mib: int, cpus: int) -> list[str]:
+              memory_mib: int, cpus: int, cwd: str = "/") -> list[str]:
+    if any(c.isspace() for c in cwd):  # the kernel command line splits at white space
+        raise GuestError(f"the guest job's directory may not contain white space: {cwd!r}")
     append = " ".join([
         "console=ttyS0", "panic=-1", "quiet", "loglevel=4", "rdinit=/init",
         "random.trust_cpu=on", "8250.nr_uarts=1", f"metac.kdir={kernel.dir}",
+        f"metac.cwd={os.path.abspath(cwd)}",
     ])
     return [
         qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
@@ -465,7 +487,7 @@ def run_in_guest(argv: Sequence[str], *, cwd: str = "/", env: Mapping[str, str] 
         with open(os.path.join(io_dir, "job.sh"), "w") as f:
             f.write(job_script(argv, cwd, full_env))
         return _boot(qemu_argv(qemu, kernel, initramfs, io_dir, memory_mib=memory_mib,
-                               cpus=cpus), io_dir, timeout, echo)
+                               cpus=cpus, cwd=cwd), io_dir, timeout, echo)
     finally:
         shutil.rmtree(io_dir, ignore_errors=True)
 
