@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from metac.fs.kernel import loop_devices
-from metac.testing.nodes import NodeHost
+from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
 
 
 def eventually(cond: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
@@ -22,6 +22,34 @@ def eventually(cond: Callable[[], Any], timeout: float = 30.0, what: str = "") -
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         time.sleep(0.1)
+
+
+def settle_without_leaks(before: dict[str, Any], *nodes: NodeHost, timeout: float = 15) -> None:
+    """Wait until the nodes are back to ``before`` (helpers exit a little after an
+    unmount or detach), then assert it, so a failure names what is left."""
+    def clean() -> bool:
+        try:
+            assert_no_leaks(before, snapshot(*nodes))
+        except AssertionError:
+            return False
+        return True
+
+    with contextlib.suppress(AssertionError):
+        eventually(clean, timeout, "helpers to go away")
+    assert_no_leaks(before, snapshot(*nodes))
+
+
+def create_write_read(mnt: Path, export: Path) -> None:
+    """Files and directories made on either side show on the other, partial writes too."""
+    (mnt / "dir" / "sub").mkdir(parents=True)
+    (mnt / "dir" / "sub" / "f.txt").write_text("written on B")
+    assert (export / "dir" / "sub" / "f.txt").read_text() == "written on B"
+    (export / "from-a.txt").write_text("written on A")
+    assert (mnt / "from-a.txt").read_text() == "written on A"
+    with open(mnt / "dir" / "sub" / "f.txt", "r+b") as f:
+        f.seek(8)
+        f.write(b"ON")
+    assert (export / "dir" / "sub" / "f.txt").read_text() == "written ON B"
 
 
 def our_loops(*nodes: NodeHost) -> set[str]:

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fs_support import eventually, node_pair
+from fs_support import create_write_read, eventually, node_pair, settle_without_leaks
 
 from metac.fs import kernel
-from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
+from metac.testing.nodes import NodeHost, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -87,15 +87,7 @@ def test_mount_file_operations_and_clean_umount(pair) -> None:
     assert (mnt / "hello.txt").read_text() == "hello\n"
 
     # create, write, read
-    (mnt / "dir" / "sub").mkdir(parents=True)
-    (mnt / "dir" / "sub" / "f.txt").write_text("written on B")
-    assert (export / "dir" / "sub" / "f.txt").read_text() == "written on B"
-    (export / "from-a.txt").write_text("written on A")
-    assert (mnt / "from-a.txt").read_text() == "written on A"
-    with open(mnt / "dir" / "sub" / "f.txt", "r+b") as f:
-        f.seek(8)
-        f.write(b"ON")
-    assert (export / "dir" / "sub" / "f.txt").read_text() == "written ON B"
+    create_write_read(mnt, export)
     # modes and mtimes
     os.chmod(mnt / "from-a.txt", 0o640)
     os.utime(mnt / "from-a.txt", (1_600_000_000, 1_500_000_000))
@@ -126,18 +118,9 @@ def test_mount_file_operations_and_clean_umount(pair) -> None:
     b.metac("fs", "umount", str(mnt))
     assert mounts(b) == []
     assert not (mnt / "hello.txt").exists()
-    eventually(lambda: not assert_leaks(before, snapshot(a, b)), 15, "helpers to go away")
-    assert_no_leaks(before, snapshot(a, b))
+    settle_without_leaks(before, a, b)
     again = b.metac("fs", "umount", str(mnt), check=False)
     assert again.returncode == 3 and "not a mount" in again.stderr
-
-
-def assert_leaks(before, after) -> bool:
-    try:
-        assert_no_leaks(before, after)
-    except AssertionError:
-        return True
-    return False
 
 
 def test_one_gib_round_trip_byte_exact(pair) -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import test_fs_mount as host_tests  # the helpers of the host's mount tests
-from fs_support import eventually
+from fs_support import create_write_read, eventually, settle_without_leaks
 
 from metac.fs import kernel
 from metac.testing.fstree import make_export_tree
-from metac.testing.nodes import assert_no_leaks, snapshot
+from metac.testing.nodes import snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -42,15 +42,7 @@ def test_9p_mount_file_operations_big_file_and_clean_umount(pair) -> None:
     assert (mnt / "hello.txt").read_text() == "hello\n"
 
     # create, write, read, both ways
-    (mnt / "dir" / "sub").mkdir(parents=True)
-    (mnt / "dir" / "sub" / "f.txt").write_text("written on B")
-    assert (export / "dir" / "sub" / "f.txt").read_text() == "written on B"
-    (export / "from-a.txt").write_text("written on A")
-    assert (mnt / "from-a.txt").read_text() == "written on A"
-    with open(mnt / "dir" / "sub" / "f.txt", "r+b") as f:
-        f.seek(8)
-        f.write(b"ON")
-    assert (export / "dir" / "sub" / "f.txt").read_text() == "written ON B"
+    create_write_read(mnt, export)
     # modes and mtimes: set on B, whole seconds reach A (diod 1.0.24 drops the
     # nanoseconds of a Tsetattr); set on A, B sees them to the nanosecond.
     os.chmod(mnt / "from-a.txt", 0o640)
@@ -83,9 +75,7 @@ def test_9p_mount_file_operations_big_file_and_clean_umount(pair) -> None:
     b.metac("fs", "umount", str(mnt))
     assert host_tests.mounts(b) == []
     assert kernel.mounts_at(str(mnt)) == [] and not (mnt / "hello.txt").exists()
-    eventually(lambda: not host_tests.assert_leaks(before, snapshot(a, b)), 15,
-               "the server (diod) to go away")
-    assert_no_leaks(before, snapshot(a, b))
+    settle_without_leaks(before, a, b)
 
 
 def test_9p_mount_stays_inside_the_export(pair, tmp_path: Path) -> None:
