@@ -548,7 +548,9 @@ def _boot(argv: list[str], io_dir: str, timeout: float, echo: TextIO | None) -> 
     for dirpath, _, names in os.walk(out_dir):
         for name in names:
             path = os.path.join(dirpath, name)
-            with contextlib.suppress(OSError), open(path, "rb") as f:
+            # O_NOFOLLOW: a symlink the guest left must not read a host file.
+            with contextlib.suppress(OSError), open(
+                    os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                 files[os.path.relpath(path, out_dir)] = f.read()
     boot = (started[0] if started else t_end) - t0
     return GuestResult(int(status), output, text, files, boot_seconds=boot,
