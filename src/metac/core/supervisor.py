@@ -29,8 +29,8 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: die with the parent.
+def die_with_parent() -> None:
+    """For ``preexec_fn``: runs in the child between fork and exec; it dies with us."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -114,7 +114,7 @@ class Supervisor:
                 pass_fds=tuple(pass_fds),
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                preexec_fn=die_with_parent,
             )
         except FileNotFoundError:
             raise errors.MissingDependency(argv[0], os.path.basename(argv[0])) from None

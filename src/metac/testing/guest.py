@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from metac.core.supervisor import die_with_parent
+
 __all__ = [
     "GuestError",
     "GuestKernel",
@@ -497,7 +499,8 @@ def _boot(argv: list[str], io_dir: str, timeout: float, echo: TextIO | None) -> 
     started: list[float] = []
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent)  # a killed test run takes QEMU along
 
     def read_console() -> None:
         assert proc.stdout is not None
