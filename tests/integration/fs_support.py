@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +52,28 @@ def create_write_read(mnt: Path, export: Path) -> None:
         f.seek(8)
         f.write(b"ON")
     assert (export / "dir" / "sub" / "f.txt").read_text() == "written ON B"
+
+
+def attachments(node: NodeHost) -> list[dict]:
+    """``metac block ls --json`` on ``node``."""
+    return json.loads(node.metac("block", "ls", "--json").stdout)
+
+
+def read_only_ext4_export(a: NodeHost, export: Path, size: int) -> tuple[Path, str, str]:
+    """An ext4 image of ``size`` bytes exported read-only by A: (image, its sha256, ref)."""
+    image = export / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=120)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    ref = a.metac("block", "export", "--read-only", f"local:{image}").stdout.strip()
+    return image, digest, ref
+
+
+def assert_direct_write_fails(device: str) -> None:
+    proc = subprocess.run(["dd", "if=/dev/zero", f"of={device}", "bs=4096", "count=1",
+                           "oflag=direct"], capture_output=True, timeout=60, check=False)
+    assert proc.returncode != 0, proc.stderr
 
 
 def our_loops(*nodes: NodeHost) -> set[str]:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from fs_support import node_pair, our_loops
+from fs_support import (
+    assert_direct_write_fails,
+    attachments,
+    node_pair,
+    our_loops,
+    read_only_ext4_export,
+)
 
-from metac.testing.nodes import NodeHost, assert_no_leaks, metac_argv, snapshot
+from metac.testing.nodes import assert_no_leaks, metac_argv, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -25,10 +30,6 @@ def pair(nodes_factory, tmp_path: Path):
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         yield a, b, export, mnt
-
-
-def attachments(node: NodeHost) -> list[dict]:
-    return json.loads(node.metac("block", "ls", "--json").stdout)
 
 
 def test_block_attach_mkfs_mount_write_read_detach(pair) -> None:
@@ -75,18 +76,11 @@ def test_block_attach_mkfs_mount_write_read_detach(pair) -> None:
 
 def test_read_only_block_export_refuses_writes(pair) -> None:
     a, b, export, mnt = pair
-    image = export / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=120)
-    digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    ro_ref = a.metac("block", "export", "--read-only", f"local:{image}").stdout.strip()
+    image, digest, ro_ref = read_only_ext4_export(a, export, 64 * MiB)
 
     device = b.metac("block", "attach", ro_ref).stdout.strip()
     assert attachments(b)[0]["read_only"] is True
-    proc = subprocess.run(["dd", "if=/dev/zero", f"of={device}", "bs=4096", "count=1",
-                           "oflag=direct"], capture_output=True, timeout=60, check=False)
-    assert proc.returncode != 0
+    assert_direct_write_fails(device)
     b.metac("block", "detach", device)
 
     b.metac("block", "attach", "--mount", str(mnt), ro_ref)

@@ -6,14 +6,20 @@ Runs only in the QEMU guest (see tests/guest/conftest.py): the host kernel has n
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from fs_support import eventually, our_loops, settle_without_leaks
+from fs_support import (
+    assert_direct_write_fails,
+    attachments,
+    eventually,
+    our_loops,
+    read_only_ext4_export,
+    settle_without_leaks,
+)
 
 from metac.fs import kernel
 from metac.testing.nodes import NodeHost, snapshot
@@ -21,10 +27,6 @@ from metac.testing.nodes import NodeHost, snapshot
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
 MiB = 1 << 20
-
-
-def attachments(node: NodeHost) -> list[dict]:
-    return json.loads(node.metac("block", "ls", "--json").stdout)
 
 
 def attach_nbd(b: NodeHost, ref: str, *args: str) -> str:
@@ -83,20 +85,13 @@ def test_nbd_attach_mkfs_mount_write_read_detach(pair) -> None:
 
 def test_nbd_read_only_export_refuses_writes(pair) -> None:
     a, b, export, mnt = pair
-    image = export / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(32 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=120)
-    digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    ro_ref = a.metac("block", "export", "--read-only", f"local:{image}").stdout.strip()
+    image, digest, ro_ref = read_only_ext4_export(a, export, 32 * MiB)
 
     device = attach_nbd(b, ro_ref)
     assert attachments(b)[0]["read_only"] is True
     name = os.path.basename(device)
     assert Path(f"/sys/block/{name}/ro").read_text().strip() == "1"
-    proc = subprocess.run(["dd", "if=/dev/zero", f"of={device}", "bs=4096", "count=1",
-                           "oflag=direct"], capture_output=True, timeout=60, check=False)
-    assert proc.returncode != 0, proc.stderr
+    assert_direct_write_fails(device)
     # Reads work.
     with open(device, "rb") as f:
         f.seek(1024 + 56)
