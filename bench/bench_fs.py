@@ -225,10 +225,6 @@ def nbdcopy_suite(procs: Procs, root: Path, image: Path, src: Path, size_mib: in
         procs.stop(server)
 
 
-def copy_suite(device: str, src: Path, size_mib: int, repeat: int) -> dict[str, float]:
-    return nbdcopy_pair(device, src, size_mib, repeat)
-
-
 def dd_suite(device: str, src: Path, size_mib: int, repeat: int) -> dict[str, float]:
     def write() -> float:
         return size_mib / dd(f"if={src}", f"of={device}", "oflag=direct", "conv=fsync")
@@ -299,7 +295,7 @@ def block_suite(procs: Procs, shm: Path, root: Path, a: Node, b: Node, size_mib:
     method = json.loads(b.metac("block", "ls", "--json"))[0]["method"]
     print(f"block: metac block attach ({method}, {device}) ...", flush=True)
     try:
-        results[f"nbdcopy <-> metac block attach ({method})"] = copy_suite(
+        results[f"nbdcopy <-> metac block attach ({method})"] = nbdcopy_pair(
             device, src, size_mib, repeat)
         results[f"dd O_DIRECT <-> metac block attach ({method})"] = dd_suite(
             device, src, size_mib, repeat)

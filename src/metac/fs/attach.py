@@ -20,9 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import socket
-import subprocess
 from typing import Any
 
 from metac import errors
@@ -54,23 +52,12 @@ NBD_SET_TIMEOUT = 0xAB09
 NBD_SET_FLAGS = 0xAB0A
 
 
-_tried_modprobe_nbd = False
-
-
 def kernel_has_nbd() -> bool:
     """True if the kernel has an NBD client with device nodes (``/dev/nbd0``).
 
-    On a stock distribution kernel nbd is a module nothing loads until used, so the
-    first call loads it with ``modprobe -q nbd`` when this kernel has a module tree.
-    Cheap afterwards; never raises."""
-    global _tried_modprobe_nbd
-    if (not _tried_modprobe_nbd and not os.path.isdir("/sys/module/nbd")
-            and os.path.isdir(f"/lib/modules/{os.uname().release}")):
-        _tried_modprobe_nbd = True
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run([shutil.which("modprobe") or "/sbin/modprobe", "-q", "nbd"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=10, check=False)
+    On a stock distribution kernel nbd is a module nothing loads until used: the
+    first call loads it."""
+    kernel.load_modules_once("nbd", "nbd")
     return os.path.isdir("/sys/module/nbd") and os.path.exists("/dev/nbd0")
 
 

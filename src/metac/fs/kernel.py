@@ -20,8 +20,10 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import socket
 import struct
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -146,6 +148,26 @@ def filesystem_types() -> set[str]:
             return {line.split()[-1] for line in f if line.strip()}
     except OSError:
         return set()
+
+
+_modprobed: set[str] = set()
+
+
+def load_modules_once(loaded_marker: str, *modules: str) -> None:
+    """``modprobe -q`` each of ``modules``, once per process, unless
+    ``/sys/module/<loaded_marker>`` says they are in already or this kernel has no
+    module tree (``/lib/modules/<release>``). A stock distribution kernel has 9p and
+    nbd as modules nothing loads until used. Never raises."""
+    if (loaded_marker in _modprobed or os.path.isdir(f"/sys/module/{loaded_marker}")
+            or not os.path.isdir(f"/lib/modules/{os.uname().release}")):
+        return
+    _modprobed.add(loaded_marker)
+    modprobe = shutil.which("modprobe") or "/sbin/modprobe"
+    for module in modules:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run([modprobe, "-q", module], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=10, check=False)
 
 
 def keepalive(sock: socket.socket) -> None:

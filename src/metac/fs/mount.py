@@ -29,9 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import socket
-import subprocess
 from typing import Any
 
 from metac import errors
@@ -52,27 +50,14 @@ NINEP_MSIZE = 512 * 1024
 SSHFS_OPTIONS = "passive,allow_other,default_permissions,idmap=none,max_write=262144"
 
 
-_tried_modprobe_9p = False
-
-
 def kernel_has_9p() -> bool:
     """True if the kernel has the 9p filesystem (and so, we assume, its fd transport).
 
     A stock distribution kernel (Debian 12) has 9p as modules that nothing loads
     until a 9p mount, so ``/proc/filesystems`` does not list it and "auto" would
     pick sftp. The first call loads 9p and its fd transport (9pnet_fd, a module of
-    its own since Linux 6.1) with ``modprobe -q`` when this kernel has a module
-    tree. Cheap afterwards; never raises."""
-    global _tried_modprobe_9p
-    if (not _tried_modprobe_9p and not os.path.isdir("/sys/module/9pnet_fd")
-            and os.path.isdir(f"/lib/modules/{os.uname().release}")):
-        _tried_modprobe_9p = True
-        modprobe = shutil.which("modprobe") or "/sbin/modprobe"
-        for module in ("9p", "9pnet_fd"):  # 9pnet_fd fails on kernels where 9pnet has fd
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run([modprobe, "-q", module], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=10, check=False)
+    its own since Linux 6.1; it fails harmlessly where 9pnet has fd built in)."""
+    kernel.load_modules_once("9pnet_fd", "9p", "9pnet_fd")
     return "9p" in kernel.filesystem_types()
 
 
