@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +22,22 @@ from metac.codec.refs import RefError
 COMMAND_GROUPS = [node_cli, ref_cli, stream_cli, net_cli, compute_cli, fs_cli]
 
 
+#: Signals that end a running command: the main task is cancelled (so holders and
+#: connections are released) and the command exits 128+N with one line.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse quotes bad values in its errors ("invalid choice: 'ref://…'"): redact them."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        error("InvalidArgument", f"{self.prog}: {message}")
+        sys.exit(errors.InvalidArgument.exit_code)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="metac",
         description="MetaContainer: share resources between Linux machines as capabilities.",
     )
@@ -40,9 +56,30 @@ def run(func: Callable[..., Any], args: argparse.Namespace) -> int:
 
     from metac.core.rpc import rpc_errors
 
+    stopped_by: list[int] = []
+
+    def stop(task: asyncio.Task[Any], sig: int) -> None:
+        if stopped_by:  # a second signal: do not wait for the clean-up any longer
+            _stopped_line(sig)
+            os._exit(128 + sig)
+        stopped_by.append(sig)
+        task.cancel()
+
     async def body() -> int:
-        async with rpc_errors():
-            return int(await func(args) or 0)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        # Commands that treat a signal as their normal end install their own handlers.
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop, task, sig)
+        try:
+            async with rpc_errors():
+                return int(await func(args) or 0)
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            _stopped_line(stopped_by[0])
+            return 128 + stopped_by[0]
 
     try:
         if inspect.iscoroutinefunction(func):
@@ -54,10 +91,23 @@ def run(func: Callable[..., Any], args: argparse.Namespace) -> int:
     except (RefError, LocatorError) as exc:
         error("InvalidArgument", str(exc))
         return errors.InvalidArgument.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        _stopped_line(signal.SIGINT)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
+        with contextlib.suppress(OSError):  # no "Exception ignored" when stdout closes
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # our bug; still one line, and never a secret
+        if os.environ.get("METAC_DEBUG"):
+            raise
+        detail = f"{type(exc).__name__}: {exc}"
+        error("Internal", f"{detail} (METAC_DEBUG=1 shows the traceback)")
+        return errors.Internal.exit_code
+
+
+def _stopped_line(sig: int) -> None:
+    error("Interrupted", f"stopped by {signal.Signals(sig).name}")
 
 
 def main(argv: list[str] | None = None) -> None:

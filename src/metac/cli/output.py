@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from metac.codec.refs import redact_secrets, secrets_in
+
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     if not rows:
@@ -23,5 +25,12 @@ def as_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def redact(text: str) -> str:
+    """``text`` without any secret: of a ref in it, or of a ref typed on the command line
+    (which a path function may have mangled beyond looking like a ref)."""
+    return redact_secrets(text, secrets_in(sys.argv))
+
+
 def error(category: str, message: str) -> None:
-    print(f"metac: {category}: {message}", file=sys.stderr)
+    """The one way the CLI reports an error: one line, secrets redacted."""
+    print(f"metac: {category}: {redact(message)}", file=sys.stderr, flush=True)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import socket
-import sys
 from typing import Any
 
 from metac import errors
 from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
+from metac.cli.output import error
 from metac.codec.locators import Locator, RefLocator, TcpEndpoint
 from metac.core.pump import Endpoint, pipe_endpoints
 from metac.core.streams import local_address_for, open_stream
@@ -89,13 +88,6 @@ class StreamResolver:
             self._pool.forget(loc.ref.node, loc.ref.port)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the command like Ctrl-C (holders are released on the way out)."""
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-
-
 async def export(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         cap, _ = await StreamResolver(stack).resolve(args.resource)
@@ -106,7 +98,6 @@ async def export(args: argparse.Namespace) -> int:
 
 
 async def cat_stream(args: argparse.Namespace) -> int:
-    _stop_on_sigterm()
     async with contextlib.AsyncExitStack() as stack:
         cap, address = await StreamResolver(stack).resolve(args.stream)
         opened = await open_stream(cap, local_address=address)
@@ -133,7 +124,6 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 async def forward(args: argparse.Namespace) -> int:
     host, port = _listen_address(args.listen)
-    _stop_on_sigterm()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         resolver = StreamResolver(stack)
@@ -161,7 +151,7 @@ async def forward(args: argparse.Namespace) -> int:
                     state["cap"], _ = await resolver.resolve(args.stream)
                     opened = await open_stream(state["cap"], local_address=address)
             except errors.MetacError as exc:
-                print(f"metac: {exc.category}: {exc}", file=sys.stderr, flush=True)
+                error(exc.category, str(exc))
                 client.close()
                 return
             async with opened:

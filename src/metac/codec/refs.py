@@ -37,6 +37,7 @@ import base64
 import ipaddress
 import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Self
 
@@ -51,6 +52,47 @@ _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 _PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
 _REF_CHARS = frozenset(string.ascii_letters + string.digits + "._-:[]/")
 _SYNTAX = "expected ref://[node]/service/secret"
+
+
+# Anything ref-shaped inside free text: the scheme (any case), up to two slashes (a path
+# normaliser may have eaten one), an authority, a service and what follows it. Looser than
+# the grammar above on purpose: a mangled or invalid ref may still hold a real secret.
+_REF_IN_TEXT_RE = re.compile(
+    r"(?i:ref):/{0,2}[^\s/'\"]{1,80}/[a-z][a-z0-9_-]{0,31}/([A-Za-z0-9_-]+)")
+
+
+def redact_secrets(text: str, known: tuple[str, ...] = ()) -> str:
+    """``text`` with the secret of every ref-shaped substring cut to four characters.
+
+    The one redaction used wherever text leaves a program (CLI errors, service errors and
+    logs). ``known`` are secrets to redact also where they appear without a ref around
+    them (e.g. the secrets the user typed on a command line).
+    """
+
+    def cut(match: re.Match[str]) -> str:
+        start, end = match.span(1)
+        secret = match.group(1)
+        if len(secret) <= REDACTED_PREFIX_CHARS:
+            return match.group(0)
+        base = match.start(0)
+        whole = match.group(0)
+        shown = secret[:REDACTED_PREFIX_CHARS]
+        return f"{whole[:start - base]}{shown}…{whole[end - base:]}"
+
+    text = _REF_IN_TEXT_RE.sub(cut, text)
+    for secret in known:
+        if len(secret) > REDACTED_PREFIX_CHARS:
+            text = text.replace(secret, secret[:REDACTED_PREFIX_CHARS] + "…")
+    return text
+
+
+def secrets_in(texts: Iterable[str]) -> tuple[str, ...]:
+    """The secrets of the ref-shaped substrings of ``texts`` (for ``redact_secrets(known=)``)."""
+    found: list[str] = []
+    for text in texts:
+        found.extend(m.group(1) for m in _REF_IN_TEXT_RE.finditer(text)
+                     if len(m.group(1)) > REDACTED_PREFIX_CHARS)
+    return tuple(found)
 
 
 class RefError(ValueError):

@@ -15,18 +15,25 @@ from collections.abc import Awaitable, Callable
 import capnp
 
 from metac import errors
+from metac.codec.refs import redact_secrets
 from metac.core.holder import drain_background
 
 log = logging.getLogger(__name__)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) with the secret of every ref-shaped text cut."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_secrets(super().format(record))
+
+
 def setup_logging(name: str, level: str | None = None) -> None:
     level = level or os.environ.get("METAC_LOG_LEVEL", "INFO")
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(
+        f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def sd_notify(state: str) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import capnp
 
 from metac import errors
+from metac.codec.refs import redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def wire_exception(err: errors.MetacError) -> Exception:
     cls = _WIRE_CLASSES.get(err.category)
     if cls is None:
         cls = _WIRE_CLASSES[err.category] = _wire_class(err.category)
-    return cls(str(err))
+    return cls(redact_secrets(str(err)))  # what leaves a service never holds a secret
 
 
 def _guard(name: str, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
