@@ -8,7 +8,7 @@
 #
 # Usage (as root, from any directory):
 #   bash scripts/fresh-check.sh [--root DIR] [--keep] [--mirror URL] [--cache DIR]
-#                               [--setup-only] [-- PYTEST_ARGS...]
+#                               [--setup-only] [--host-ca] [-- PYTEST_ARGS...]
 #
 #   --root DIR     where to build the root (default: a new /var/tmp/metac-fresh.XXXXXX);
 #                  a DIR that already holds a finished debootstrap is reused as is
@@ -17,6 +17,8 @@
 #   --cache DIR    keep downloaded .debs here between runs (debootstrap's --cache-dir)
 #   --setup-only   run only the set-up command (bash scripts/install-deps.sh), then check
 #                  that `metac --version` works; skip the test suite
+#   --host-ca      trust this host's CA bundle inside the root (pip, curl, Python): for a
+#                  network whose HTTPS goes through a TLS-inspecting proxy with its own CA
 #   PYTEST_ARGS    passed to `make test` as PYTEST_ARGS (e.g. -- -x tests/unit)
 #
 # Needs: root, debootstrap, bubblewrap, git, network access to the mirror and to PyPI.
@@ -30,6 +32,7 @@ ROOT=""
 KEEP=0
 CACHE=""
 SETUP_ONLY=0
+HOST_CA=0
 PYTEST_ARGS=()
 
 log() { printf 'fresh-check: %s\n' "$*" >&2; }
@@ -42,6 +45,7 @@ while (($#)); do
         --mirror) MIRROR="$2"; shift 2 ;;
         --cache) CACHE="$2"; shift 2 ;;
         --setup-only) SETUP_ONLY=1; shift ;;
+        --host-ca) HOST_CA=1; shift ;;
         --) shift; PYTEST_ARGS=("$@"); break ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
@@ -96,6 +100,15 @@ else
 fi
 # apt inside the root resolves names like this host does.
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
+CA_ENV=()
+if [ "$HOST_CA" -eq 1 ]; then
+    bundle=/etc/ssl/certs/ca-certificates.crt
+    [ -r "$bundle" ] || die "--host-ca: $bundle not found on this host"
+    cp -L "$bundle" "$ROOT/etc/ssl/host-ca-bundle.crt"
+    for var in PIP_CERT SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE; do
+        CA_ENV+=("$var=/etc/ssl/host-ca-bundle.crt")
+    done
+fi
 
 # ---------------------------------------------------------------- 2. a fresh clone
 CLONE=/root/metac
@@ -122,6 +135,6 @@ bwrap --bind "$ROOT" / --dev-bind /dev /dev --proc /proc --bind /sys /sys \
     --tmpfs /run --tmpfs /tmp --cap-add ALL --unshare-pid --die-with-parent \
     --chdir "$CLONE" \
     env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "${CA_ENV[@]}" \
     bash -c "$inner"
 log "passed: $inner"

@@ -28,7 +28,7 @@ from typing import Any
 from metac import errors
 from metac.api import NodePool, SturdyRef, connect_admin, ref_from_struct, rpc_errors, schema
 from metac.api import service_admin as get_service_admin
-from metac.cli.output import as_json, table
+from metac.cli.output import as_json, local_path, mirror_url, suite_name, table
 from metac.codec.locators import LocalPath, Locator, NewLocal, RefLocator
 from metac.codec.runspecs import (
     MountOption,
@@ -91,10 +91,11 @@ def register(sub: Any) -> None:
     ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
     ex.set_defaults(func=export)
     rf = csub.add_parser("rootfs", help="build a root filesystem in a directory")
-    rf.add_argument("directory")
-    rf.add_argument("--debootstrap", metavar="SUITE",
+    rf.add_argument("directory", type=local_path, help="where to build it (created if missing)")
+    rf.add_argument("--debootstrap", metavar="SUITE", type=suite_name,
                     help="a minimal Debian (needs network access) instead of busybox")
-    rf.add_argument("--mirror", default=None, help="Debian mirror for --debootstrap")
+    rf.add_argument("--mirror", default=None, type=mirror_url,
+                    help="Debian mirror for --debootstrap")
     rf.set_defaults(func=build_rootfs)
 
 

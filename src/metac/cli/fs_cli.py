@@ -19,7 +19,7 @@ from typing import Any
 
 from metac import errors
 from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
-from metac.cli.output import as_json, table
+from metac.cli.output import as_json, local_path, table
 from metac.codec.locators import LocalPath, Locator, RefLocator
 from metac.core.streams import local_address_for, open_stream
 
@@ -59,11 +59,11 @@ def _register_fs(sub: Any) -> None:
                     help="kernel 9p, sshfs (FUSE) or bind (a local:/ directory); "
                          "default: bind for local, else 9p if the kernel has it, else sftp")
     mo.add_argument("resource", help="local:/PATH or ref://…")
-    mo.add_argument("path", help="mount point (an existing directory)")
+    mo.add_argument("path", type=local_path, help="mount point (an existing directory)")
     mo.set_defaults(func=fs_mount)
 
     um = s.add_parser("umount", help="unmount a mount made with `metac fs mount`")
-    um.add_argument("path")
+    um.add_argument("path", type=local_path, help="the mount point")
     um.set_defaults(func=fs_umount)
 
     ls = s.add_parser("ls", help="mounts made with `metac fs mount` on this node")
@@ -105,12 +105,13 @@ def _register_block(sub: Any) -> None:
     at = s.add_parser("attach", help="attach a block device here; prints the device path")
     _persistent(at, "the attachment")
     at.add_argument("--read-only", action="store_true")
-    at.add_argument("--mount", metavar="PATH", default="", help="also mount it at PATH")
+    at.add_argument("--mount", metavar="PATH", default="", type=local_path,
+                    help="also mount it at PATH")
     at.add_argument("resource", help="ref://… (or local:/PATH)")
     at.set_defaults(func=block_attach)
 
     de = s.add_parser("detach", help="detach (and unmount) an attached device")
-    de.add_argument("device", help="the device path, or the mount path given to attach")
+    de.add_argument("device", type=local_path, help="the device path, or the mount path given to attach")
     de.set_defaults(func=block_detach)
 
     ls = s.add_parser("ls", help="block devices attached with `metac block attach`")

@@ -14,7 +14,7 @@ from typing import Any
 
 from metac import errors
 from metac.cli import compute_cli, fs_cli, net_cli, node_cli, ref_cli, stream_cli
-from metac.cli.output import error
+from metac.cli.output import error, local_path
 from metac.codec.locators import LocatorError
 from metac.codec.refs import RefError
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MetaContainer: share resources between Linux machines as capabilities.",
     )
     parser.add_argument(
-        "--runtime-dir", default=None,
+        "--runtime-dir", default=None, type=local_path,
         help="runtime dir of the local node to talk to (default: $METAC_RUNTIME_DIR or /run/metac)")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from metac.api import connect_admin
-from metac.cli.output import as_json, table
+from metac.cli.output import as_json, local_path, table
 
 
 def register(sub: Any) -> None:
@@ -17,8 +17,8 @@ def register(sub: Any) -> None:
     r.add_argument("--address", default=None,
                    help="IP address to serve Node on and to put in refs (default: first global address)")
     r.add_argument("--port", type=int, default=901, help="TCP port for Node (default 901)")
-    r.add_argument("--state-dir", default=None, help="database and logs (default /var/lib/metac)")
-    r.add_argument("--runtime-dir", dest="node_runtime_dir", default=None,
+    r.add_argument("--state-dir", default=None, type=local_path, help="database and logs (default /var/lib/metac)")
+    r.add_argument("--runtime-dir", dest="node_runtime_dir", default=None, type=local_path,
                    help="admin socket and mounts (default /run/metac)")
     r.add_argument("--extra-service", action="append", default=[], metavar="NAME=MODULE",
                    help="also run python module MODULE as service NAME (repeatable)")
