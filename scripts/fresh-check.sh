@@ -121,7 +121,9 @@ fi
 
 # ---------------------------------------------------------------- 3. the README's commands
 if [ "$SETUP_ONLY" -eq 1 ]; then
-    inner="$SETUP_CMD && .venv/bin/metac --version && echo 'fresh-check: set-up OK'"
+    inner="$SETUP_CMD && metac --version && metac help fs mount >/dev/null"
+    inner+=" && test -s /usr/share/bash-completion/completions/metac"
+    inner+=" && echo 'fresh-check: set-up OK (metac on PATH, help, completion installed)'"
 else
     inner="$TEST_CMD"
     if ((${#PYTEST_ARGS[@]})); then

@@ -3,7 +3,9 @@
 #   1. the Debian packages listed in scripts/debian-packages.txt (apt-get update
 #      and apt-get install run only when one of them is missing), as root;
 #   2. a virtualenv at <repo>/.venv with `pip install -e '.[test]'` (skipped on a
-#      re-run when pyproject.toml, the interpreter and the checkout path are unchanged).
+#      re-run when pyproject.toml, the interpreter and the checkout path are unchanged);
+#   3. as root: `metac` on PATH (a symlink /usr/local/bin/metac to the venv's script) and
+#      its bash completion (/usr/share/bash-completion/completions/metac).
 #
 # Usage (from any directory):  bash scripts/install-deps.sh
 # Env:  METAC_FORCE_PIP=1   re-run pip install even if nothing changed.
@@ -104,14 +106,32 @@ want_stamp="$(
 if [ "${METAC_FORCE_PIP:-0}" != 1 ] && [ -x "$VENV/bin/metac" ] \
     && [ "$(cat "$STAMP" 2>/dev/null)" = "$want_stamp" ]; then
     log "virtualenv up to date ($VENV)"
-    exit 0
+else
+    log "pip install -e '.[test]' into $VENV"
+    rm -f -- "$STAMP"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    "$VENV/bin/python" -m pip install -q -e '.[test]' \
+        || die "pip install -e '.[test]' failed (see the errors above)"
+    [ -x "$VENV/bin/metac" ] || die "pip install finished but $VENV/bin/metac is missing"
+    printf '%s\n' "$want_stamp" >"$STAMP"
+    log "done: $VENV/bin/metac"
 fi
 
-log "pip install -e '.[test]' into $VENV"
-rm -f -- "$STAMP"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-"$VENV/bin/python" -m pip install -q -e '.[test]' \
-    || die "pip install -e '.[test]' failed (see the errors above)"
-[ -x "$VENV/bin/metac" ] || die "pip install finished but $VENV/bin/metac is missing"
-printf '%s\n' "$want_stamp" >"$STAMP"
-log "done: $VENV/bin/metac"
+# ---------------------------------------------------------------- PATH and completion
+LINK=/usr/local/bin/metac
+COMPLETION=/usr/share/bash-completion/completions/metac
+if [ "$(id -u)" -ne 0 ]; then
+    log "not root: skipped $LINK and $COMPLETION; use $VENV/bin/metac"
+    exit 0
+fi
+if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+    log "$LINK exists and is not a symlink: left alone (use $VENV/bin/metac)"
+else
+    [ "$(readlink "$LINK" 2>/dev/null)" = "$VENV/bin/metac" ] || log "$LINK -> $VENV/bin/metac"
+    install -d /usr/local/bin
+    ln -sfn "$VENV/bin/metac" "$LINK"
+fi
+install -d "$(dirname "$COMPLETION")"
+"$VENV/bin/metac" completion bash >"$COMPLETION.tmp" \
+    || die "'metac completion bash' failed"
+mv -f "$COMPLETION.tmp" "$COMPLETION"

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from metac.codec.refs import DEFAULT_PORT, MAX_REF_LENGTH, RefError, SturdyRef
+from metac.codec.refs import (
+    DEFAULT_PORT,
+    MAX_REF_LENGTH,
+    RefError,
+    SturdyRef,
+    redact_secrets,
+    secrets_in,
+)
 
 # 32 bytes; chosen so that no 5-character piece of it appears in any error message.
 SECRET = "yMnKy8zNzs_Q0dLT1NXW19jZ2tvc3d7f4OHi4-Tl5uc"
@@ -386,3 +393,44 @@ def test_from_parts_round_trip(
     assert ipaddress.ip_address(ref.node) == node
     assert ref.port == (None if port == DEFAULT_PORT else port)
     assert SturdyRef.parse(ref.format()) == ref
+
+
+# --- redact_secrets: the one redaction of text that leaves a program ------------------------
+
+_SECRETS = st.binary(min_size=16, max_size=96).map(
+    lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@given(secret=_SECRETS, before=_TEXT, after=_TEXT, v6=st.booleans(), port=st.booleans(),
+       mangle=st.sampled_from(["", "repr", "realpath", "upper"]))
+@example(secret="A" * 22, before="", after="", v6=False, port=False, mangle="")
+def test_redact_secrets_removes_every_secret_in_text(secret, before, after, v6, port,
+                                                     mangle) -> None:
+    ref = SturdyRef.from_parts("2001:db8::1" if v6 else "192.0.2.7", 7000 if port else None,
+                               "fs", base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    text = ref.format()
+    if mangle == "repr":
+        text = repr(text)
+    elif mangle == "realpath":  # what os.path.realpath makes of a ref typed as a path
+        text = "/root/" + text.replace("://", ":/")
+    elif mangle == "upper":
+        text = "REF" + text[3:]
+    out = redact_secrets(before + text + after)
+    assert out.count(ref.secret[:4] + "…") >= 1
+    if ref.secret[4:] not in before + after:
+        assert ref.secret[4:] not in out
+    assert redact_secrets(out) == out  # idempotent
+
+
+def test_redact_secrets_keeps_other_text_and_short_tails() -> None:
+    assert redact_secrets("no ref here: ref:// or ref:x/y") == "no ref here: ref:// or ref:x/y"
+    assert redact_secrets("ref://10.0.0.1/fs/abcd") == "ref://10.0.0.1/fs/abcd"
+    msg = "InvalidArgument: ref://10.0.0.1/fs/" + "B" * 30 + ": not a directory"
+    assert redact_secrets(msg) == "InvalidArgument: ref://10.0.0.1/fs/BBBB…: not a directory"
+
+
+def test_redact_secrets_known_secrets_anywhere() -> None:
+    ref = "ref://10.0.0.1/fs/" + "C" * 30
+    assert secrets_in(["x", ref]) == ("C" * 30,)
+    assert redact_secrets("file " + "C" * 30 + " gone", secrets_in([ref])) == "file CCCC… gone"

@@ -75,7 +75,7 @@ def register(sub: Any) -> None:
     r.set_defaults(func=run)
 
     ps = sub.add_parser("ps", help="processes launched on this node")
-    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     ps.add_argument("-a", "--all", action="store_true", help="also processes that ended")
     ps.set_defaults(func=list_processes)
 

@@ -38,7 +38,7 @@ def _persistent(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--persistent", action="store_true", help=f"{what} survives node restarts")
 
 
-def _add_export(s: Any, what: str, read_only: str | None, resource: str, func: Any) -> None:
+def _add_export(s: Any, what: str, read_only: str, resource: str, func: Any) -> None:
     ex = s.add_parser("export", help=f"print a sturdy ref to {what}")
     _persistent(ex, "the ref")
     ex.add_argument("--read-only", action="store_true", help=read_only)
@@ -54,7 +54,8 @@ def _register_fs(sub: Any) -> None:
 
     mo = s.add_parser("mount", help="mount a directory (of any node) here; returns once mounted")
     _persistent(mo, "the mount (re-established when this node restarts)")
-    mo.add_argument("--read-only", action="store_true")
+    mo.add_argument("--read-only", action="store_true",
+                    help="mount read-only (writes fail with EROFS)")
     mo.add_argument("--method", choices=("auto", "9p", "sftp", "bind"), default="auto",
                     help="kernel 9p, sshfs (FUSE) or bind (a local:/ directory); "
                          "default: bind for local, else 9p if the kernel has it, else sftp")
@@ -67,14 +68,15 @@ def _register_fs(sub: Any) -> None:
     um.set_defaults(func=fs_umount)
 
     ls = s.add_parser("ls", help="mounts made with `metac fs mount` on this node")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     ls.set_defaults(func=fs_ls)
 
     st = s.add_parser("stream", help="print a ref to a stream that serves the directory with "
                                      "9P or SFTP (for external clients, with `metac stream "
                                      "forward`)")
     _persistent(st, "the ref")
-    st.add_argument("--protocol", choices=("9p", "sftp"), default="9p")
+    st.add_argument("--protocol", choices=("9p", "sftp"), default="9p",
+                    help="the protocol the stream speaks (default 9p)")
     st.add_argument("resource", help="local:/PATH or ref://…")
     st.set_defaults(func=fs_stream)
 
@@ -83,14 +85,16 @@ def _register_file(sub: Any) -> None:
     p = sub.add_parser("file", help="share single files; copy them")
     s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
-    _add_export(s, "a file (it need not exist yet)", None, "local:/PATH", file_export)
+    _add_export(s, "a file (it need not exist yet)", "a read-only view", "local:/PATH",
+                file_export)
 
     cat = s.add_parser("cat", help="copy a file to stdout")
     cat.add_argument("resource", help="local:/PATH or ref://…")
     cat.set_defaults(func=file_cat)
 
     put = s.add_parser("put", help="write stdin to a file (created 0644 if missing)")
-    put.add_argument("--append", action="store_true")
+    put.add_argument("--append", action="store_true",
+                     help="append to the file instead of replacing its content")
     put.add_argument("resource", help="local:/PATH or ref://…")
     put.set_defaults(func=file_put)
 
@@ -104,7 +108,7 @@ def _register_block(sub: Any) -> None:
 
     at = s.add_parser("attach", help="attach a block device here; prints the device path")
     _persistent(at, "the attachment")
-    at.add_argument("--read-only", action="store_true")
+    at.add_argument("--read-only", action="store_true", help="attach the device read-only")
     at.add_argument("--mount", metavar="PATH", default="", type=local_path,
                     help="also mount it at PATH")
     at.add_argument("resource", help="ref://… (or local:/PATH)")
@@ -115,7 +119,7 @@ def _register_block(sub: Any) -> None:
     de.set_defaults(func=block_detach)
 
     ls = s.add_parser("ls", help="block devices attached with `metac block attach`")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     ls.set_defaults(func=block_ls)
 
     st = s.add_parser("stream", help="print a ref to an NBD stream of the device (for external "

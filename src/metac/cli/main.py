@@ -12,14 +12,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from metac import errors
-from metac.cli import compute_cli, fs_cli, net_cli, node_cli, ref_cli, stream_cli
+from metac import __version__, errors
+from metac.cli import compute_cli, fs_cli, help_cli, net_cli, node_cli, ref_cli, stream_cli
 from metac.cli.output import error, local_path
 from metac.codec.locators import LocatorError
 from metac.codec.refs import RefError
 
 #: Every command group: module with register(subparsers).
-COMMAND_GROUPS = [node_cli, ref_cli, stream_cli, net_cli, compute_cli, fs_cli]
+COMMAND_GROUPS = [node_cli, ref_cli, stream_cli, net_cli, compute_cli, fs_cli, help_cli]
 
 
 #: Signals that end a running command: the main task is cancelled (so holders and
@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="metac",
         description="MetaContainer: share resources between Linux machines as capabilities.",
+        epilog="`metac help COMMAND` (or `metac COMMAND --help`) describes a command.",
     )
+    parser.add_argument("--version", action="version", version=f"metac {__version__}",
+                        help="print the version and exit")
     parser.add_argument(
         "--runtime-dir", default=None, type=local_path,
         help="runtime dir of the local node to talk to (default: $METAC_RUNTIME_DIR or /run/metac)")
-    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)
     return parser
@@ -113,6 +116,9 @@ def _stopped_line(sig: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.group is None:  # `metac` alone: the command list
+        parser.print_help()
+        sys.exit(0)
     if args.runtime_dir:
         os.environ["METAC_RUNTIME_DIR"] = args.runtime_dir
     sys.exit(run(args.func, args))

@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
     nsub = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
     ls = nsub.add_parser("ls", help="interfaces of this node and its live binds")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     ls.set_defaults(func=list_net)
 
     ex = nsub.add_parser("export", help="print a sturdy ref to a network device")

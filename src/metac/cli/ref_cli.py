@@ -19,12 +19,12 @@ def register(sub: Any) -> None:
     rsub = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
     ls = rsub.add_parser("ls", help="refs kept by the local node (never their secrets)")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     ls.set_defaults(func=list_refs)
 
     show = rsub.add_parser("show", help="check a ref: restore it and show what it is")
     show.add_argument("ref", help="ref://[node]/service/secret (or ref:...)")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     show.set_defaults(func=show_ref)
 
     rm = rsub.add_parser("rm", help="revoke a ref of the local node for good")
@@ -34,10 +34,10 @@ def register(sub: Any) -> None:
     g = rsub.add_parser("group", help="resource groups: dropping a group revokes its refs")
     gsub = g.add_subparsers(dest="gcmd", metavar="SUBCOMMAND", required=True)
     gc = gsub.add_parser("create", help="create a resource group")
-    gc.add_argument("name")
+    gc.add_argument("name", help="the new group's name")
     gc.set_defaults(func=create_group)
     gr = gsub.add_parser("rm", help="drop a group, revoking every ref in it")
-    gr.add_argument("name")
+    gr.add_argument("name", help="the group to drop")
     gr.set_defaults(func=drop_group)
 
 

@@ -45,8 +45,8 @@ def register(sub: Any) -> None:
                                       "(revoke it with `metac ref rm` to unbind)")
     bd.add_argument("--persistent", action="store_true",
                     help="re-establish the bind when the node restarts")
-    bd.add_argument("first")
-    bd.add_argument("second")
+    bd.add_argument("first", help="a stream: ref://… (or tcp:/unix: of this node)")
+    bd.add_argument("second", help="the stream to join it with (same forms)")
     bd.set_defaults(func=bind)
 
 
