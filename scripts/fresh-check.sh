@@ -104,6 +104,7 @@ CA_ENV=()
 if [ "$HOST_CA" -eq 1 ]; then
     bundle=/etc/ssl/certs/ca-certificates.crt
     [ -r "$bundle" ] || die "--host-ca: $bundle not found on this host"
+    install -d "$ROOT/etc/ssl"
     cp -L "$bundle" "$ROOT/etc/ssl/host-ca-bundle.crt"
     for var in PIP_CERT SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE; do
         CA_ENV+=("$var=/etc/ssl/host-ca-bundle.crt")

@@ -9,6 +9,7 @@ named after a container.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import select
@@ -180,9 +181,10 @@ def test_background_ps_kill(nodes_factory, busybox_root) -> None:
     process_id = rows[0][0]
     a.metac("kill", process_id)
     deadline = time.monotonic() + 10
-    while a.metac("ps").stdout.strip() and time.monotonic() < deadline:
+    while a.metac("ps").stdout.splitlines()[1:] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert a.metac("ps").stdout.strip() == ""
+    assert a.metac("ps").stdout.split() == ["ID", "PID", "STATUS", "STARTED", "COMMAND"]
+    assert json.loads(a.metac("ps", "--json").stdout) == []
     # The ref still answers (the process ended), and kill by ref is harmless now.
     a.metac("kill", "-s", "KILL", ref)
     gone = a.metac("kill", process_id, check=False)

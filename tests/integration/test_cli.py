@@ -1,4 +1,5 @@
-"""No secret in any CLI output (issue 10 item 14), and signals end a command with one line.
+"""The CLI's boundary on real nodes: no secret in any output (issue 10 item 14), signals end
+a command with one line, empty listings print their header (issue 18 item 12).
 
 The parser is walked, so a new command or argument is covered without touching this test:
 every argument that takes a value gets a real ref of node A, typed on node B (a user with
@@ -229,6 +230,13 @@ def test_sigterm_and_timeout_end_commands_with_one_line(nodes_factory, tmp_path:
             assert (done.returncode, done.stderr.strip().splitlines()) == (124, [STOPPED]), \
                 (argv, done.returncode, done.stderr)
 
+        # Ctrl-C (SIGINT) likewise: one line, 130.
+        cat = b.popen("stream", "cat", held, stdin=subprocess.PIPE)
+        still_running_after(cat)
+        code, err = stop(cat, signal.SIGINT)
+        assert (code, err.strip().splitlines()) == (
+            128 + signal.SIGINT, ["metac: Interrupted: stopped by SIGINT"]), (code, err)
+
         # `stream forward` and a foreground `metac run` treat SIGTERM as theirs: forward
         # stops listening and exits 0; run hands it to the process, which dies of it.
         fwd = b.popen("stream", "forward", held, "127.0.0.1:0")
@@ -239,3 +247,22 @@ def test_sigterm_and_timeout_end_commands_with_one_line(nodes_factory, tmp_path:
         code, err = stop(run)
         assert code == 128 + signal.SIGTERM and "Traceback" not in err, (code, err)
     assert not os.path.ismount(mnt)
+
+
+# ----------------------------------------------------------------------------- listings
+
+
+def test_empty_listings_print_their_header(nodes_factory) -> None:
+    (a,) = nodes_factory(1)
+    headers = {
+        ("fs", "ls"): ["PATH", "METHOD", "SOURCE", "STATE", "PERSISTENT", "READ_ONLY"],
+        ("block", "ls"): ["DEVICE", "MOUNT", "METHOD", "SOURCE", "STATE", "PERSISTENT",
+                          "READ_ONLY"],
+        ("ps",): ["ID", "PID", "STATUS", "STARTED", "COMMAND"],
+        ("ps", "-a"): ["ID", "PID", "STATUS", "STARTED", "COMMAND"],
+        ("ref", "ls"): ["ID", "SERVICE", "CATEGORY", "PERSISTENT", "CREATED", "GROUP", "LIVE"],
+    }
+    for words, header in headers.items():
+        out = a.metac(*words).stdout
+        assert out.splitlines() == ["  ".join(header)] or out.split() == header, (words, out)
+        assert json.loads(a.metac(*words, "--json").stdout) == [], words
