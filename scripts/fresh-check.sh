@@ -128,7 +128,8 @@ if [ "$SETUP_ONLY" -eq 1 ]; then
 else
     inner="$TEST_CMD"
     if ((${#PYTEST_ARGS[@]})); then
-        inner+=" PYTEST_ARGS=$(printf '%q' "${PYTEST_ARGS[*]}")"
+        # Each argument shell-quoted, as make's recipe splits PYTEST_ARGS with the shell.
+        inner+=" PYTEST_ARGS=$(printf '%q' "$(printf '%q ' "${PYTEST_ARGS[@]}")")"
     fi
 fi
 log "in the fresh root: $inner"
