@@ -230,8 +230,10 @@ def test_sigterm_and_timeout_end_commands_with_one_line(nodes_factory, tmp_path:
             assert (done.returncode, done.stderr.strip().splitlines()) == (124, [STOPPED]), \
                 (argv, done.returncode, done.stderr)
 
-        # Ctrl-C (SIGINT) likewise: one line, 130.
-        cat = b.popen("stream", "cat", held, stdin=subprocess.PIPE)
+        # Ctrl-C (SIGINT) likewise: one line, 130. (A shell starts background jobs with
+        # SIGINT ignored, and so would this command be if the test runs in one.)
+        cat = b.popen("stream", "cat", held, stdin=subprocess.PIPE,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         still_running_after(cat)
         code, err = stop(cat, signal.SIGINT)
         assert (code, err.strip().splitlines()) == (
