@@ -89,8 +89,12 @@ def test_empty_listing_prints_its_header(capsys) -> None:
     assert capsys.readouterr().out == "DEVICE  MOUNT  STATE\n"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shtab") is None,
-                    reason="needs the Python package shtab (scripts/install-deps.sh installs it)")
+def test_shtab_is_installed() -> None:
+    # A dependency in pyproject.toml: `metac completion` and the tests below need it.
+    assert importlib.util.find_spec("shtab") is not None, \
+        "the Python package shtab is missing: run scripts/install-deps.sh"
+
+
 @pytest.mark.parametrize("line, expected", [
     ("metac fs mo", ["mount"]),
     ("metac fs mount --re", ["--read-only"]),
@@ -115,7 +119,6 @@ def test_bash_completion_completes_a_partial_command_line(line, expected, capsys
 
 
 def test_completion_completes_paths_for_path_arguments(tmp_path, capsys) -> None:
-    pytest.importorskip("shtab")
     (tmp_path / "mnt-here").mkdir()
     code, script, _ = run_main(["completion", "bash"], capsys)
     driver = (f"{script}\ncd {str(tmp_path)!r}\n"
