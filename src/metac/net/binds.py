@@ -39,7 +39,14 @@ from metac import errors
 from metac.codec.refs import SturdyRef
 from metac.core.client import ref_from_struct
 from metac.core.holder import Revert
-from metac.core.untrusted import OwnNode, bounded, check_ref_node, is_special, parse_ip
+from metac.core.untrusted import (
+    OwnNode,
+    bounded,
+    call_timeout,
+    check_ref_node,
+    is_special,
+    parse_ip,
+)
 from metac.net.devices import Device, new_id
 from metac.net.ports import check_peer_ip, random_vni
 from metac.net.tunnels import (
@@ -57,7 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT = 30.0
+CALL_TIMEOUT = 30.0  # calls into our own persistence; calls into peers use call_timeout()
 RELEASE_TIMEOUT = 5.0
 TOKEN_TIMEOUT = 10.0
 BACKOFF_FIRST = 0.5
@@ -95,7 +102,7 @@ async def adopt(net: Net, cap: Any, *, persistent: bool) -> tuple[SturdyRef | No
     """
     try:
         res = await asyncio.wait_for(
-            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent), CALL_TIMEOUT)
+            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent), call_timeout())
     except Exception as exc:
         log.info("cannot make a ref of the other interface (%s); keeping the capability",
                  errors.from_kj(exc))
@@ -108,7 +115,7 @@ async def adopt(net: Net, cap: Any, *, persistent: bool) -> tuple[SturdyRef | No
     # A ref naming a private address (not this node's) would make us connect there.
     check_ref_node(ref, OwnNode(net.ctx.env.node_address, net.ctx.env.node_port))
     return ref, await bounded(net.ctx.pool.restore(ref, network.L2Interface),
-                              f"node {ref.node}", CALL_TIMEOUT)
+                              f"node {ref.node}")
 
 
 class Bind:
@@ -167,7 +174,7 @@ class Bind:
             try:
                 res = await asyncio.wait_for(
                     self.other.cast_as(core.Persistable).createSturdyRef(persistent=True),
-                    CALL_TIMEOUT)
+                    call_timeout())
             except TimeoutError:
                 raise errors.Unavailable("the other interface did not answer") from None
             except Exception as exc:
@@ -215,7 +222,7 @@ class Bind:
             try:
                 res = await asyncio.wait_for(
                     self.other.setupVxlan(remote=net.node_address(), dstPort=end.port,
-                                          vniNum=vni), CALL_TIMEOUT)
+                                          vniNum=vni), call_timeout())
             except TimeoutError:
                 raise errors.Unavailable("the other node did not set up its tunnel end") from None
             remote_holder = res.holder
@@ -320,7 +327,7 @@ class Bind:
         if self.other_ref is None:
             return
         self.other = await bounded(self._net.ctx.pool.restore(self.other_ref, network.L2Interface),
-                                   f"node {self.other_ref.node}", CALL_TIMEOUT)
+                                   f"node {self.other_ref.node}")
 
     # --- ending ---
 
