@@ -287,3 +287,71 @@ def test_pending_binds_are_bounded_and_time_out(nodes_factory) -> None:
         assert b.metac("stream", "cat", ref, input="after").stdout == "AFTER"
     finally:
         stop(echo)
+
+
+COMPUTE_BODY = '''
+class FakeStream(api.schema.stream.Stream.Server):
+    async def createSturdyRef(self, _context, **kw):
+        raise Exception("not persistable")
+
+    async def tcpListen(self, remote, remotePort, _context, **kw):
+        local = _context.results.init("local")
+        local.ip, _context.results.port = "127.0.0.1", int(sys.argv[2])
+
+async def body(launcher, cadmin, root, address):
+    out = {}
+    async with api.NodePool() as pool:
+        sink = await pool.restore(api.SturdyRef.parse(sys.argv[3]), api.schema.stream.Stream)
+        for name, given in (("fake", FakeStream()), ("exported", sink)):
+            pd = describe(["sh", "-c", "echo hello from the container"], files=2)
+            pd.files[1].stream = given
+            try:
+                res = await launcher.launch(processDescription=pd,
+                                            envDescription=environment(root))
+                await res.process.wait()
+                out[name] = "ran"
+                await res.env.destroy()
+            except Exception as exc:
+                from metac import errors
+                out[name] = errors.from_kj(exc).category
+    return out
+'''
+
+SINK = textwrap.dedent("""
+    import socket, sys
+    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    print("ready", flush=True)
+    conn, _ = srv.accept()
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    print(data.decode().strip(), flush=True)
+""")
+
+
+def test_process_stdio_given_as_a_fake_stream_is_refused(nodes_factory, tmp_path: Path) -> None:
+    from test_compute_api import PRELUDE
+    from test_compute_cli import service_log
+
+    from metac.compute import rootfs
+
+    root = tmp_path / "rootfs"
+    rootfs.build_busybox(str(root))
+    (a,) = nodes_factory(1)
+    secret = start(a, SECRET_SERVER, "7777")
+    sink = start(a, SINK, "7100")
+    try:
+        assert secret.stdout is not None and secret.stdout.readline().strip() == "ready"
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        ref = a.metac("stream", "export", "tcp:127.0.0.1:7100").stdout.strip()
+        source = PRELUDE + COMPUTE_BODY + "\nmain(body)\n"
+        proc = a.host.run([sys.executable, "-c", source, str(root), "7777", ref],
+                          env=a.cli_env(), check=False, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr + service_log(a)
+        out = json.loads(proc.stdout.splitlines()[-1])
+        assert out == {"fake": "PermissionDenied", "exported": "ran"}, out
+        assert sink.stdout.readline().strip() == "hello from the container"
+    finally:
+        secret_out = stop(secret)
+        stop(sink)
+    assert "connection" not in secret_out
