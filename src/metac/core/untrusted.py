@@ -134,7 +134,13 @@ async def locate(pool: NodePool, own: OwnNode, cap: Any, interface: Any, *,
     except (RefError, ValueError) as exc:
         raise errors.PermissionDenied(f"{what} answered a malformed ref: {exc}") from None
     local = check_ref_node(ref, own)
-    restored = await bounded(pool.restore(ref, interface), f"the node serving {what}", timeout)
+    try:
+        restored = await bounded(pool.restore(ref, interface), f"the node serving {what}",
+                                 timeout)
+    except errors.Unavailable:
+        # Not why (refused, reset, timed out): the ref's address and port are the
+        # caller's choice, and the reason would tell it about ports of our network.
+        raise errors.Unavailable(f"the node serving {what} cannot be reached") from None
     return Located(restored, str(parse_ip(ref.node)), local)
 
 
