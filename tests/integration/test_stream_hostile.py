@@ -96,7 +96,7 @@ ATTACKER = textwrap.dedent("""
             return {"result": category(exc), "message": str(errors.from_kj(exc))}
         return {"result": "bound", "holder": holder}
 
-    async def ssrf(pool, file_ref, secret_port, own_port):
+    async def ssrf(pool, file_ref, secret_port, own_port, stream_ref):
         secret_port, own_port = int(secret_port), int(own_port)
         file = await pool.restore(api.SturdyRef.parse(file_ref), fs.File)
         a_ip = api.SturdyRef.parse(file_ref).node
@@ -124,6 +124,15 @@ ATTACKER = textwrap.dedent("""
             if holder is not None:
                 await asyncio.sleep(2)  # let the bytes land, then let go
                 await holder.release()
+            out[name] = res
+        # The stream service's own bindTo, the same way.
+        exported = await pool.restore(api.SturdyRef.parse(stream_ref), stream.Stream)
+        behind["make"] = lambda: FakeStream(("127.0.0.1", secret_port))
+        for name, fake in (("stream_unlocatable", FakeStream(("127.0.0.1", secret_port))),
+                           ("stream_fake_node_answers_loopback",
+                            FakeStream(("127.0.0.1", 1), ME, FAKE_PORT))):
+            res = await bind(exported, fake)
+            res.pop("holder", None)
             out[name] = res
         await server.aclose()
         return out
@@ -203,13 +212,16 @@ def test_fake_stream_cannot_reach_the_nodes_loopback(nodes_factory) -> None:
         target = Path(a.root) / "target.txt"
         target.write_text("")
         file_ref = a.metac("file", "export", f"local:{target}").stdout.strip()
+        stream_ref = a.metac("stream", "export", "tcp:127.0.0.1:7001").stdout.strip()
 
         proc = b.host.run([sys.executable, "-c", ATTACKER, "ssrf", b.address, file_ref,
-                           "7777", "7010"], env=b.cli_env(), check=False, timeout=300)
+                           "7777", "7010", stream_ref], env=b.cli_env(), check=False,
+                          timeout=300)
         assert proc.returncode == 0, proc.stderr
         seen = json.loads(proc.stdout.strip().splitlines()[-1])
         for case in ("unlocatable", "ref_names_loopback", "ref_names_link_local",
-                     "fake_node_answers_loopback", "fake_node_answers_node_a"):
+                     "fake_node_answers_loopback", "fake_node_answers_node_a",
+                     "stream_unlocatable", "stream_fake_node_answers_loopback"):
             assert seen[case]["result"] == "PermissionDenied", (case, seen[case])
         # The check is precise: a stream served by the attacker's own node may answer that
         # node's address, and then A connects there (to the attacker's host, not its own).
