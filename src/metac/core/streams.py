@@ -67,7 +67,7 @@ LISTEN_TIMEOUT = 30.0  # a tcpListen nobody connects to is closed after this
 DRAIN_GRACE = 10.0  # on release, a direction whose source ended may flush this long
 # Opens of client-handed streams waiting for their peer, in total and per serving node;
 # tcpListen calls waiting for their one connection, in total and per remote address.
-PENDING_MAX = 256
+PENDING_MAX = 128
 PENDING_PER_PEER = 32
 PENDING_MAX_ENV = "METAC_STREAM_PENDING_MAX"
 PENDING_PER_PEER_ENV = "METAC_STREAM_PENDING_PER_PEER"
