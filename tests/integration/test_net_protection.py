@@ -83,6 +83,39 @@ print("sent")
 """
 
 
+# The same VXLAN packet as CRAFT, written whole (Ethernet header and all) on an AF_PACKET
+# socket, which passes no IP hook. argv: ifname src_mac dst_mac src_ip sport dst_ip dport
+# vni mac [bypass]. Prints "sent" or the errno name.
+CRAFT_PACKET = r"""
+import errno, socket, struct, sys
+ifname, smac, dmac, src, sport, dst, dport, vni, mac = sys.argv[1:10]
+sport, dport, vni = int(sport), int(dport), int(vni)
+frame = b"\xff" * 6 + bytes.fromhex(mac.replace(":", "")) + b"\x88\xb5" + b"metac-test" * 5
+payload = struct.pack("!II", 0x08000000, vni << 8) + frame
+udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                  socket.inet_aton(src), socket.inet_aton(dst))
+csum = sum(struct.unpack("!10H", hdr))
+csum = (csum & 0xFFFF) + (csum >> 16)
+csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
+ip = hdr[:10] + struct.pack("!H", csum) + hdr[12:] + udp
+eth = bytes.fromhex(dmac.replace(":", "")) + bytes.fromhex(smac.replace(":", "")) + b"\x08\x00"
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+if len(sys.argv) > 10:
+    s.setsockopt(263, 20, 1)  # PACKET_QDISC_BYPASS
+s.bind((ifname, 0))
+try:
+    s.send(eth + ip)
+    print("sent")
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, exc.errno))
+"""
+
+
+def mac_of(host: Host) -> str:
+    return str(ip_json(host, "link", "show", host.ifname)[0]["address"])
+
+
 def craft(host: Host, *args: object) -> str:
     return host.run([sys.executable, "-c", CRAFT, *map(str, args)]).stdout.strip()
 
@@ -139,6 +172,33 @@ def test_local_process_cannot_send_from_the_vxlan_port(tunnel) -> None:
     # The kernel's own tunnel packets are not caught by the owner match.
     rules = a.host.run(["nft", "list", "table", "inet", "metac_net"]).stdout
     assert f"udp sport {port_a} meta skuid >= 0 drop" in rules
+
+
+def test_packet_socket_cannot_send_from_the_vxlan_port(tunnel) -> None:
+    a, b, _c, _ca, port_a, port_b, vni = tunnel
+    # The egress hook of A's node interface holds the owner match too.
+    rules = a.host.run(["nft", "list", "table", "netdev", "metac_net"]).stdout
+    assert f'hook egress device "{a.host.ifname}"' in rules
+    assert f"udp sport {port_a} meta skuid >= 0 drop" in rules
+    head = [a.host.ifname, mac_of(a.host), mac_of(b.host), a.host.ipv4]
+    # Root writes a whole frame on a packet socket: dropped on A's egress, with or
+    # without the qdisc bypass, and B's bridge never sees it.
+    for mac, extra in (("02:00:5e:00:02:01", []), ("02:00:5e:00:02:02", ["bypass"])):
+        out = a.host.run([sys.executable, "-c", CRAFT_PACKET, *head, str(port_a),
+                          b.host.ipv4, str(port_b), str(vni), mac, *extra]).stdout.strip()
+        assert out == "ENOBUFS", (extra, out)
+    settle()
+    assert not learned(b, "02:00:5e:00:02:01")
+    assert not learned(b, "02:00:5e:00:02:02")
+    # Control: without the egress table the very same packet gets through (so the
+    # packet is well-formed and the hook is what stops it). The next change of the
+    # service's rules puts the table back.
+    a.host.run(["nft", "delete", "table", "netdev", "metac_net"])
+    out = a.host.run([sys.executable, "-c", CRAFT_PACKET, *head, str(port_a), b.host.ipv4,
+                      str(port_b), str(vni), "02:00:5e:00:02:03"]).stdout.strip()
+    assert out == "sent"
+    settle()
+    assert learned(b, "02:00:5e:00:02:03")
 
 
 def test_wrong_vni_or_other_host_does_not_reach_the_bridge(tunnel) -> None:

@@ -6,14 +6,36 @@ import pytest
 
 from metac.net.firewall import TABLE, PortRule, render
 
+HEAD = (f"table inet {TABLE}\ndelete table inet {TABLE}\n"
+        f"table netdev {TABLE}\ndelete table netdev {TABLE}\n")
 
-def test_empty_ruleset_removes_the_table() -> None:
-    assert render([]) == f"table inet {TABLE}\ndelete table inet {TABLE}\n"
+
+def test_empty_ruleset_removes_the_tables() -> None:
+    assert render([]) == HEAD
+    assert render([], "eth0") == HEAD
+
+
+def test_egress_hook_repeats_the_owner_match_for_packet_sockets() -> None:
+    text = render([PortRule(20001), PortRule(20002, "10.1.2.3", 24000)], "eth0")
+    assert text.startswith(HEAD)
+    lines = [line.strip() for line in text.splitlines()]
+    start = lines.index(f"table netdev {TABLE} {{")
+    assert lines[start + 2] == ('type filter hook egress device "eth0" priority filter; '
+                                "policy accept;")
+    assert lines[start + 3:start + 5] == ["udp sport 20001 meta skuid >= 0 drop",
+                                          "udp sport 20002 meta skuid >= 0 drop"]
+    assert "egress" not in render([PortRule(20001)])  # no device: no egress chain
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, 'eth"0', "eth0; drop", "a}b", "a b"])
+def test_egress_device_names_are_checked(name: str) -> None:
+    with pytest.raises(ValueError):
+        render([PortRule(20001)], name)
 
 
 def test_port_without_peer_accepts_nothing_and_blocks_local_senders() -> None:
     text = render([PortRule(20001)])
-    assert text.startswith(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    assert text.startswith(HEAD)
     assert "udp sport 20001 meta skuid >= 0 drop" in text
     assert "udp dport 20001 drop" in text
     assert "accept\n" not in text

@@ -90,7 +90,8 @@ class ComputeState:
             init = require_program("catatonit", "catatonit")
             runtime = OciRuntime(info, os.path.join(self.ctx.env.runtime_dir, "oci", info.name),
                                  self.ctx.supervisor)
-            host = ComputeHost(runtime=runtime, streams=StreamHost(self.ctx.env.node_address),
+            streams = StreamHost(self.ctx.env.node_address, ctx=self.ctx)
+            host = ComputeHost(runtime=runtime, streams=streams,
                                base_dir=self.base_dir, init_binary=init,
                                supervisor=self.ctx.supervisor)
             await host.sweep()

@@ -31,7 +31,7 @@ from typing import Any
 from metac import errors
 from metac.core.pump import Endpoint
 from metac.core.sources import OneShotSource
-from metac.core.streams import Session, StreamHost, StreamServer, open_stream
+from metac.core.streams import Session, StreamHost, StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class Stdio:
         pending, self._pending = self._pending, []
         for index, endpoint in pending:
             try:
-                remote = await open_stream(self.specs[index].stream,
-                                           local_address=self.host.address)
+                remote = await self.host.open_remote(self.specs[index].stream,
+                                                     what=f"the stream given for fd {index}")
             except BaseException:
                 endpoint.close()
                 for _, other in pending:

@@ -6,6 +6,7 @@ capabilities restored through it are in use, and closes them all in ``aclose``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -36,15 +37,23 @@ class NodePool:
     def __init__(self, connect_timeout: float = 10.0) -> None:
         self._stack = contextlib.AsyncExitStack()
         self._nodes: dict[tuple[str, int], tuple[Connection, Any]] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
         self._timeout = connect_timeout
 
     async def node(self, ip: str, port: int | None = None) -> Any:
         key = (ip, port or DEFAULT_PORT)
         entry = self._nodes.get(key)
         if entry is None:
-            conn = await self._stack.enter_async_context(
-                connect_tcp(key[0], key[1], timeout=self._timeout))
-            entry = self._nodes[key] = (conn, conn.bootstrap(core.Node))
+            # One connect per node even when many calls want it at once.
+            lock = self._connecting.setdefault(key, asyncio.Lock())
+            async with lock:
+                entry = self._nodes.get(key)
+                if entry is None:
+                    conn = await self._stack.enter_async_context(
+                        connect_tcp(key[0], key[1], timeout=self._timeout))
+                    entry = self._nodes[key] = (conn, conn.bootstrap(core.Node))
+            if self._connecting.get(key) is lock and not lock.locked():
+                del self._connecting[key]
         return entry[1]
 
     def forget(self, ip: str, port: int | None = None) -> None:

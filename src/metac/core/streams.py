@@ -16,6 +16,10 @@ server serves is a source from ``metac.core.sources``. Here:
   SO_REUSEADDR), ask for ``tcpListen`` with that address and port, connect
   from that socket. The bytes go straight between the two machines, whichever
   node the capability came through.
+* A stream handed in by a client is never opened as it is (``StreamHost.open_remote``):
+  it is first restored from the node that serves it (``core.untrusted.locate``),
+  its ``tcpListen`` must answer that node's address (no SSRF), every call into
+  it is bounded in time and the opens waiting for a peer are bounded in number.
 
 ``StreamHost`` owns every session a process serves (their tasks and sockets);
 a service creates one and closes it at exit.
@@ -46,12 +50,27 @@ from metac.core.sources import (
 )
 from metac.core.supervisor import Child, Supervisor
 from metac.core.tasks import TaskSet
+from metac.core.untrusted import (
+    OwnNode,
+    PendingLimit,
+    PendingSlot,
+    bounded,
+    check_served_address,
+    env_int,
+    locate,
+)
 from metac.schema.load import stream as stream_schema
 
 log = logging.getLogger(__name__)
 
 LISTEN_TIMEOUT = 30.0  # a tcpListen nobody connects to is closed after this
 DRAIN_GRACE = 10.0  # on release, a direction whose source ended may flush this long
+# Opens of client-handed streams waiting for their peer, in total and per serving node;
+# tcpListen calls waiting for their one connection, in total and per remote address.
+PENDING_MAX = 128
+PENDING_PER_PEER = 32
+PENDING_MAX_ENV = "METAC_STREAM_PENDING_MAX"
+PENDING_PER_PEER_ENV = "METAC_STREAM_PENDING_PER_PEER"
 
 
 # --- serving --------------------------------------------------------------------
@@ -85,14 +104,41 @@ def _reject(conn: socket.socket) -> None:
 
 
 class StreamHost:
-    """Owns the stream sessions one process serves: their tasks, listeners and pumps."""
+    """Owns the stream sessions one process serves: their tasks, listeners and pumps.
 
-    def __init__(self, address: str, *, listen_timeout: float = LISTEN_TIMEOUT) -> None:
+    With a ``ctx`` (a service), streams handed in by clients are located through
+    the service's node pool; without one (in-process use), only streams that
+    answer this host's own address are opened.
+    """
+
+    def __init__(self, address: str, *, listen_timeout: float = LISTEN_TIMEOUT,
+                 ctx: ServiceContext | None = None) -> None:
         self.address = str(ipaddress.ip_address(address))
         self.listen_timeout = listen_timeout
+        self.ctx = ctx
         self._tasks = TaskSet()
         self.sessions: set[Session] = set()
         self.rejected = 0  # connections reset because they came from the wrong peer
+        total = env_int(PENDING_MAX_ENV, PENDING_MAX)
+        per_peer = env_int(PENDING_PER_PEER_ENV, PENDING_PER_PEER)
+        self.opening = PendingLimit(total, per_peer, "stream opens")
+        self.listening = PendingLimit(total, per_peer, "unanswered tcpListen calls")
+
+    async def open_remote(self, cap: Any, *, what: str = "the other stream") -> OpenedStream:
+        """Open a Stream a client handed us, safely (see the module docstring)."""
+        slot = self.opening.claim()
+        try:
+            if self.ctx is None:
+                node = self.address
+            else:
+                own = OwnNode(self.ctx.env.node_address, self.ctx.env.node_port)
+                located = await locate(self.ctx.pool, own, cap, stream_schema.Stream,
+                                       what=what)
+                cap, node = located.cap, located.node
+            slot.assign(node)
+            return await open_stream(cap, local_address=self.address, node=node)
+        finally:
+            slot.release()
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro, name)
@@ -131,9 +177,12 @@ class Session:
         self._remote: OpenedStream | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._slot: PendingSlot | None = None  # a place among the pending tcpListens
 
-    def start_listening(self, listener: socket.socket, peer: tuple[Any, int]) -> None:
+    def start_listening(self, listener: socket.socket, peer: tuple[Any, int],
+                        slot: PendingSlot | None = None) -> None:
         self._listener = listener
+        self._slot = slot
         self._start(self._accept(listener, peer))
 
     def start_pumping(self, remote: OpenedStream) -> None:
@@ -163,6 +212,7 @@ class Session:
             await self._cleanup()
 
     async def _cleanup(self) -> None:
+        self._release_slot()
         self.endpoint.close()
         if self._listener is not None:
             self._listener.close()
@@ -189,8 +239,14 @@ class Session:
             return None
         finally:
             listener.close()
+            self._release_slot()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return Endpoint.of_socket(conn, name="peer")
+
+    def _release_slot(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
 
     def stop(self) -> bool:
         """Close what may still carry new data; a finite remainder may flush (bounded).
@@ -234,13 +290,19 @@ class StreamServer(PersistableMixin, stream_schema.Stream.Server):
 
     async def tcpListen(self, remote: Any, remotePort: int, _context: Any, **kwargs: Any) -> None:
         peer = _parse_peer(remote.ip, remotePort)
-        listener = self._host.listen(peer)
+        slot = self._host.listening.claim(str(peer[0]))
+        try:
+            listener = self._host.listen(peer)
+        except BaseException:
+            slot.release()
+            raise
         try:
             session = await self._listening_session(f"{self._name} for {remote.ip}:{remotePort}")
         except BaseException:
             listener.close()
+            slot.release()
             raise
-        session.start_listening(listener, peer)
+        session.start_listening(listener, peer, slot)
         local = _context.results.init("local")
         local.ip = self._host.address
         _context.results.port = listener.getsockname()[1]
@@ -251,26 +313,19 @@ class StreamServer(PersistableMixin, stream_schema.Stream.Server):
         return Session(self._host, await self._source.open(), name)
 
     async def bindTo(self, other: Any, _context: Any, **kwargs: Any) -> None:
-        other = other.cast_as(stream_schema.Stream)
-        if self._ctx is not None:
-            # `other` is proxied through the caller's connection; the bind must outlive
-            # the caller, so reach the stream directly if it is persistable.
-            try:
-                async with rpc_errors():
-                    other = await self._ctx.adopt(other, stream_schema.Stream)
-            except errors.MetacError as exc:
-                log.debug("%s: keeping the caller's reference to the other stream (%s)",
-                          self._name, exc)
-        endpoint = await self._source.open()
+        # `other` is proxied through the caller's connection and says what it likes:
+        # open_remote reaches it directly from the node that serves it (so the bind
+        # also outlives the caller), checks its address and bounds the wait.
+        remote = await self._host.open_remote(other.cast_as(stream_schema.Stream))
         try:
-            remote = await open_stream(other, local_address=self._host.address)
+            endpoint = await self._source.open()
         except BaseException:
-            endpoint.close()
+            await remote.aclose()
             raise
         session = Session(self._host, endpoint, f"{self._name} bound")
         session.start_pumping(remote)
         if self._ctx is not None and self._description is not None:
-            _context.results.holder = BindHolder(session, self._ctx, [self, other])
+            _context.results.holder = BindHolder(session, self._ctx, [self, remote.cap])
         else:
             _context.results.holder = HolderServer(session.aclose, f"{self._name} bind")
 
@@ -329,9 +384,10 @@ async def spawn_with_stdio_stream(host: StreamHost, supervisor: Supervisor, argv
 class OpenedStream:
     """A Stream opened as a local socket; keeps the remote holder until ``aclose``."""
 
-    def __init__(self, sock: socket.socket, holder: Any) -> None:
+    def __init__(self, sock: socket.socket, holder: Any, cap: Any = None) -> None:
         self.sock = sock
         self.holder = holder
+        self.cap = cap  # the Stream that was opened
 
     def endpoint(self, name: str = "stream") -> Endpoint:
         """The socket for a pump. It stays open when the pump ends: ``aclose`` closes it."""
@@ -383,9 +439,15 @@ def local_address_for(ip: str) -> str:
         raise errors.Unavailable(f"no route to {ip}: {exc.strerror}") from None
 
 
-async def open_stream(cap: Any, *, local_address: str,
+async def open_stream(cap: Any, *, local_address: str, node: str | None = None,
                       timeout: float = CONNECT_TIMEOUT) -> OpenedStream:
-    """Open a Stream capability as a connected local socket (see the module docstring)."""
+    """Open a Stream capability as a connected local socket (see the module docstring).
+
+    ``node`` is the address of the node that serves ``cap``, if known: ``tcpListen``
+    must answer it. Whatever ``node``, an answer of a loopback, link-local,
+    unspecified or multicast address other than ``local_address`` is refused
+    (``PermissionDenied``), and ``tcpListen`` is bounded by ``call_timeout()``.
+    """
     family = socket.AF_INET6 if ":" in local_address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -396,10 +458,11 @@ async def open_stream(cap: Any, *, local_address: str,
         except OSError as exc:
             raise errors.Unavailable(f"cannot bind {local_address}: {exc.strerror}") from None
         port = sock.getsockname()[1]
-        async with rpc_errors():
-            res = await cap.tcpListen(remote={"ip": local_address}, remotePort=port)
+        res = await bounded(cap.tcpListen(remote={"ip": local_address}, remotePort=port),
+                            "the stream's tcpListen")
         holder = res.holder
-        target = (res.local.ip, res.port)
+        target = check_served_address(res.local.ip, res.port, node=node,
+                                      local_address=local_address)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), timeout)
         except (OSError, TimeoutError) as exc:
@@ -412,7 +475,7 @@ async def open_stream(cap: Any, *, local_address: str,
                 await asyncio.wait_for(holder.release(), 5.0)
         raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return OpenedStream(sock, holder)
+    return OpenedStream(sock, holder, cap)
 
 
 # --- handing the connection to a program (added for the fs service) -----------------
@@ -473,8 +536,7 @@ class HandoffStreamServer(StreamServer):
         return HandoffSession(self._host, self._serve, name)
 
     async def bindTo(self, other: Any, _context: Any, **kwargs: Any) -> None:
-        remote = await open_stream(other.cast_as(stream_schema.Stream),
-                                   local_address=self._host.address)
+        remote = await self._host.open_remote(other.cast_as(stream_schema.Stream))
         ours, theirs = socket.socketpair()
         served = HandoffSession(self._host, self._serve, f"{self._name} bound")
         served.start_serving(Endpoint.of_socket(ours, name=self._name))

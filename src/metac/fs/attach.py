@@ -27,6 +27,7 @@ from metac import errors
 from metac.codec.refs import SturdyRef
 from metac.core.streams import OpenedStream, open_stream
 from metac.core.supervisor import Child, Supervisor, require_program
+from metac.core.untrusted import bounded
 from metac.fs import kernel, nbdproto
 from metac.fs.session import Session, records
 from metac.fs.state import FsState
@@ -133,10 +134,11 @@ class Attachment(Session):
     async def _connect(self) -> None:
         kernel.need_root()
         device = self.cap.cast_as(fs_schema.BlockDevice)
-        info = (await device.info()).info
+        info = (await bounded(device.info(), "the block device")).info
         self.read_only = self.read_only or bool(info.readOnly)
-        stream = (await device.nbdSetup()).stream
-        self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address)
+        stream = (await bounded(device.nbdSetup(), "the block device")).stream
+        self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address,
+                                         node=self.node)
         kernel.keepalive(self._stream.sock)
         self._stream.sock.setblocking(True)
         if kernel_has_nbd():

@@ -36,6 +36,7 @@ from metac import errors
 from metac.codec.refs import SturdyRef
 from metac.core.streams import OpenedStream, open_stream
 from metac.core.supervisor import Child, require_program
+from metac.core.untrusted import bounded
 from metac.fs import kernel
 from metac.fs.session import Session, records
 from metac.fs.state import FsState
@@ -135,8 +136,10 @@ class MountSession(Session):
             self._bind()
         else:
             fs = self.cap.cast_as(fs_schema.Filesystem)
-            stream = (await (fs.v9fsStream() if self.method == "9p" else fs.sftpStream())).stream
-            self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address)
+            stream = (await bounded(fs.v9fsStream() if self.method == "9p" else fs.sftpStream(),
+                                    "the filesystem")).stream
+            self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address,
+                                             node=self.node)
             kernel.keepalive(self._stream.sock)
             if self.method == "9p":
                 self._mount_9p(self._stream.sock)

@@ -31,6 +31,7 @@ from metac.core.client import ref_from_struct
 from metac.core.holder import HolderServer
 from metac.core.rpc import Servant
 from metac.core.service import Description, PersistableMixin, ServiceContext, ServiceDefinition
+from metac.core.untrusted import OwnNode, bounded, check_ref_node
 from metac.fs import attach, exports, mount
 from metac.fs.attach import Attachment
 from metac.fs.mount import MountSession
@@ -62,11 +63,20 @@ def check_mount_point(path: str) -> str:
 
 
 async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, Any, SturdyRef]:
-    """(our own object or None, a capability over our connection, its ref) for ``cap``."""
-    res = await cap.cast_as(interface).createSturdyRef(persistent=False)
-    ref = ref_from_struct(res.id)
+    """(our own object or None, a capability over our connection, its ref) for ``cap``.
+
+    Every call into ``cap`` is bounded, and a ref naming a private address other
+    than this node's is refused (``core.untrusted``)."""
+    res = await bounded(cap.cast_as(interface).createSturdyRef(persistent=False),
+                        "the capability")
+    try:
+        ref = ref_from_struct(res.id)
+    except ValueError as exc:
+        raise errors.PermissionDenied(f"the capability answered a malformed ref: {exc}") \
+            from None
+    check_ref_node(ref, OwnNode(ctx.env.node_address, ctx.env.node_port))
     local = exports.local_object(ref.secret_bytes)
-    restored = await ctx.pool.restore(ref, interface)
+    restored = await bounded(ctx.pool.restore(ref, interface), f"node {ref.node}")
     return local, restored, ref
 
 
@@ -230,6 +240,7 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         session = MountSession(state, mount_id=state.new_id(), path=path, method=method,
                                read_only=read_only, fs_cap=cap, local=local,
                                source="local" if local is not None else shown_node(ref))
+        session.node = ref.node
         await session.start()
         return MountHolder(state, session, keep=keep)
 
@@ -251,6 +262,7 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
         _, cap, ref = await _adopt(state.ctx, device, fs_schema.BlockDevice)
         session = Attachment(state, attach_id=state.new_id(), read_only=bool(options.readOnly),
                              mount_path=mount_path, device_cap=cap, source=shown_node(ref))
+        session.node = ref.node
         await session.start()
         _context.results.path = session.device
         _context.results.holder = AttachHolder(state, session, keep=bool(options.keep))

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from metac import errors
 from metac.codec.refs import SturdyRef
+from metac.core.untrusted import bounded
 from metac.fs.state import FsState
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Session:
         self.cap = cap
         self.source = source
         self.target = target  # persistent ref of what is used: set when persistent
+        # The address of the node serving ``cap`` (its streams must answer it).
+        self.node: str | None = target.node if target is not None else None
         self.method = ""
         self.status = "connecting"
         self._watcher: asyncio.Task[None] | None = None
@@ -134,7 +137,10 @@ class Session:
                 return  # stays disconnected until closed
             connected = False
             try:
-                self.cap = await self.state.ctx.pool.restore(self.target, self.INTERFACE)
+                self.cap = await bounded(
+                    self.state.ctx.pool.restore(self.target, self.INTERFACE),
+                    f"node {self.target.node}")
+                self.node = self.target.node
                 await self._connect()
                 connected = True
                 backoff = BACKOFF_FIRST

@@ -62,7 +62,7 @@ class FsState:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.supervisor = ctx.supervisor
-        self.streams = StreamHost(ctx.env.node_address)
+        self.streams = StreamHost(ctx.env.node_address, ctx=ctx)
         self.run_dir = os.path.join(ctx.env.runtime_dir, "fs")
         self.state_dir = os.path.join(ctx.env.state_dir, "fs")
         for d in (self.run_dir, self.state_dir):

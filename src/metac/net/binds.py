@@ -39,6 +39,14 @@ from metac import errors
 from metac.codec.refs import SturdyRef
 from metac.core.client import ref_from_struct
 from metac.core.holder import Revert
+from metac.core.untrusted import (
+    OwnNode,
+    bounded,
+    call_timeout,
+    check_ref_node,
+    is_special,
+    parse_ip,
+)
 from metac.net.devices import Device, new_id
 from metac.net.ports import check_peer_ip, random_vni
 from metac.net.tunnels import (
@@ -56,7 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT = 30.0
+CALL_TIMEOUT = 30.0  # calls into our own persistence; calls into peers use call_timeout()
 RELEASE_TIMEOUT = 5.0
 TOKEN_TIMEOUT = 10.0
 BACKOFF_FIRST = 0.5
@@ -94,13 +102,20 @@ async def adopt(net: Net, cap: Any, *, persistent: bool) -> tuple[SturdyRef | No
     """
     try:
         res = await asyncio.wait_for(
-            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent), CALL_TIMEOUT)
+            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent), call_timeout())
     except Exception as exc:
         log.info("cannot make a ref of the other interface (%s); keeping the capability",
                  errors.from_kj(exc))
         return None, cap
-    ref = ref_from_struct(res.id)
-    return ref, await net.ctx.pool.restore(ref, network.L2Interface)
+    try:
+        ref = ref_from_struct(res.id)
+    except ValueError as exc:
+        raise errors.PermissionDenied(f"the other interface answered a malformed ref: {exc}") \
+            from None
+    # A ref naming a private address (not this node's) would make us connect there.
+    check_ref_node(ref, OwnNode(net.ctx.env.node_address, net.ctx.env.node_port))
+    return ref, await bounded(net.ctx.pool.restore(ref, network.L2Interface),
+                              f"node {ref.node}")
 
 
 class Bind:
@@ -159,7 +174,7 @@ class Bind:
             try:
                 res = await asyncio.wait_for(
                     self.other.cast_as(core.Persistable).createSturdyRef(persistent=True),
-                    CALL_TIMEOUT)
+                    call_timeout())
             except TimeoutError:
                 raise errors.Unavailable("the other interface did not answer") from None
             except Exception as exc:
@@ -190,8 +205,9 @@ class Bind:
         await check_bindable(self._net, self.this)
         await check_bindable(self._net, self.other_dev)
         async with Revert() as rv:
-            await join_bridge(self._net, rv, owner=self.id,
-                              ports=[self.this.port_index, self.other_dev.port_index])
+            self.ifname = await join_bridge(
+                self._net, rv, owner=self.id,
+                ports=[self.this.port_index, self.other_dev.port_index])
             self._plane = rv.pop_all()
         log.info("bound %s <-> %s with bridge %s", self.this.name, self.other_dev.name,
                  self.ifname)
@@ -206,18 +222,24 @@ class Bind:
             try:
                 res = await asyncio.wait_for(
                     self.other.setupVxlan(remote=net.node_address(), dstPort=end.port,
-                                          vniNum=vni), CALL_TIMEOUT)
+                                          vniNum=vni), call_timeout())
             except TimeoutError:
                 raise errors.Unavailable("the other node did not set up its tunnel end") from None
             remote_holder = res.holder
             rv.add(lambda: release_remote(remote_holder), "release the remote end")
             expected = self.other_ref.node if self.other_ref is not None else None
             peer_ip = check_peer_ip(res.local.ip, family=net.family, expected=expected)
+            if expected is None and is_special(parse_ip(peer_ip)) and peer_ip != net.node_ip:
+                # Where an interface without a ref is served is unknown: at least never
+                # aim the tunnel at this host's loopback or a link-local address.
+                raise errors.PermissionDenied(
+                    f"the peer answered {peer_ip}, a loopback or link-local address")
             peer_port = int(res.srcPort)
             if not 1 <= peer_port <= 65535:
                 raise errors.InvalidArgument("the peer answered with a bad port")
             await connect_vxlan_end(net, end, ip=peer_ip, port=peer_port)
-            await join_bridge(net, rv, owner=self.id, ports=[end.index, self.this.port_index])
+            self.ifname = await join_bridge(net, rv, owner=self.id,
+                                            ports=[end.index, self.this.port_index])
             self._plane = rv.pop_all()
         self._remote_holder = remote_holder
         self.peer = show_endpoint(peer_ip, peer_port)
@@ -304,7 +326,8 @@ class Bind:
     async def _reconnect_other(self) -> None:
         if self.other_ref is None:
             return
-        self.other = await self._net.ctx.pool.restore(self.other_ref, network.L2Interface)
+        self.other = await bounded(self._net.ctx.pool.restore(self.other_ref, network.L2Interface),
+                                   f"node {self.other_ref.node}")
 
     # --- ending ---
 

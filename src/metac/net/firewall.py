@@ -9,6 +9,14 @@ traffic. For every local VXLAN port P the service keeps, in table
   does not match its packets) is dropped: local processes, root's raw sockets
   included, cannot send from the tunnel's port (the owner match the paper
   names, in its nftables form);
+* egress of the interface carrying the node address (table ``netdev metac_net``,
+  Linux 5.16+ and nftables 1.0.1+): the same owner match again. Packets a
+  process writes on an ``AF_PACKET`` socket (a whole Ethernet frame, qdisc
+  bypass or not) never pass the IP output hook, but they do pass this one, so
+  root's packet sockets cannot send from the tunnel's port through that
+  interface either. Where the kernel or nft lacks egress hooks the service logs
+  a warning once and keeps only the output rule (AF_PACKET senders are then not
+  filtered);
 * input: ``udp dport P ip saddr PEER udp sport Q accept`` then
   ``udp dport P drop`` -- the tunnel only takes packets from the expected peer
   address and port (the kernel's VXLAN device itself accepts any source).
@@ -54,13 +62,33 @@ class PortRule:
                 raise ValueError(f"bad peer port {self.peer_port}")
 
 
-def render(rules: Iterable[PortRule]) -> str:
-    """The nft script that makes the table hold exactly ``rules`` (atomically)."""
+def check_device_name(name: str) -> str:
+    """An interface name that can be quoted in an nft script."""
+    if not name or len(name) > 15 or any(c in name for c in "\"\\/ \t\n;{}#"):
+        raise ValueError(f"bad interface name {name!r}")
+    return name
+
+
+def render(rules: Iterable[PortRule], egress_device: str | None = None) -> str:
+    """The nft script that makes the tables hold exactly ``rules`` (atomically).
+
+    With ``egress_device``, the owner match is also on that interface's egress hook
+    (table ``netdev``); the netdev table is removed in any case.
+    """
     rules = sorted(set(rules), key=lambda r: (r.port, r.peer_ip or "", r.peer_port or 0))
-    head = f"table inet {TABLE}\ndelete table inet {TABLE}\n"
+    head = (f"table inet {TABLE}\ndelete table inet {TABLE}\n"
+            f"table netdev {TABLE}\ndelete table netdev {TABLE}\n")
     if not rules:
         return head
-    out = [head, f"table inet {TABLE} {{\n"]
+    out = [head]
+    if egress_device is not None:
+        device = check_device_name(egress_device)
+        out.append(f"table netdev {TABLE} {{\n\tchain egress {{\n\t\ttype filter hook egress "
+                   f"device \"{device}\" priority filter; policy accept;\n")
+        for r in rules:
+            out.append(f"\t\tudp sport {r.port} meta skuid >= 0 drop\n")
+        out.append("\t}\n}\n")
+    out.append(f"table inet {TABLE} {{\n")
     out.append("\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n")
     for r in rules:
         out.append(f"\t\tudp sport {r.port} meta skuid >= 0 drop\n")
@@ -88,6 +116,10 @@ class Firewall:
         self._prefix = list(prefix)  # e.g. nsenter --net=... -- (tests)
         self._rules: dict[str, PortRule] = {}
         self._lock = asyncio.Lock()
+        # The interface whose egress hook also gets the owner match (None: none known,
+        # or this kernel/nft cannot; see the module docstring).
+        self.egress_device: str | None = None
+        self._egress_said = False
 
     @property
     def available(self) -> bool:
@@ -129,8 +161,25 @@ class Firewall:
                 await self._apply()
 
     async def _apply(self) -> None:
+        device = self.egress_device
+        if device is not None and self._rules:
+            try:
+                await self._run(render(self._rules.values(), device), quiet=True)
+            except errors.FailedPrecondition as exc:
+                self.egress_device = None
+                log.warning("no netdev egress hook here (needs Linux 5.16+ and nftables "
+                            "1.0.1+: %s): packets from AF_PACKET sockets with a tunnel's "
+                            "source port are not filtered", exc)
+            else:
+                if not self._egress_said:
+                    self._egress_said = True
+                    log.info("VXLAN ports are also filtered on the egress of %s "
+                             "(AF_PACKET senders included)", device)
+                return
+        await self._run(render(self._rules.values()))
+
+    async def _run(self, script: str, *, quiet: bool = False) -> None:
         assert self._nft is not None
-        script = render(self._rules.values())
         proc = await asyncio.create_subprocess_exec(
             *self._prefix, self._nft, "-f", "-", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -145,5 +194,6 @@ class Firewall:
             raise
         if proc.returncode != 0:
             first = (err.decode(errors="replace").strip().splitlines() or ["?"])[0]
-            log.error("nft failed (%s) on:\n%s", first, script)
+            if not quiet:
+                log.error("nft failed (%s) on:\n%s", first, script)
             raise errors.FailedPrecondition(f"cannot install the tunnel's packet filter: {first}")

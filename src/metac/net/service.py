@@ -251,6 +251,13 @@ class NetService(ServiceDefinition):
         except errors.MetacError as exc:
             log.error("sweeping stale links failed: %s", exc)
         try:
+            index = await net.underlay_index()
+            link = await net.netlink.get(index=index) if index is not None else None
+            if link is not None and link.name != "lo":
+                net.firewall.egress_device = link.name
+        except errors.MetacError as exc:
+            log.warning("cannot find the interface of the node address: %s", exc)
+        try:
             await net.firewall.reset()
         except errors.MetacError as exc:
             log.error("resetting the packet filter failed: %s", exc)

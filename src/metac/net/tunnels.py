@@ -54,8 +54,12 @@ async def check_bindable(net: Net, dev: Device) -> links.Link:
         master = await net.netlink.get(index=port.master)
         raise errors.FailedPrecondition(
             f"{dev.name} is already bound (part of {master.name if master else 'a bridge'})")
-    if link.name == "lo" or link.kind in ("bridge",):
+    if link.name == "lo":
         raise errors.InvalidArgument(f"{dev.name} cannot be bridged")
+    if link.kind == "bridge":
+        # An existing bridge gets our end as one more port (see join_bridge); its own
+        # address, if it carries the node's, stays where it is.
+        return link
     if dev.index == await net.underlay_index():
         raise errors.FailedPrecondition(
             f"{dev.name} carries the node address; bridging it would cut the node off")
@@ -142,15 +146,34 @@ async def connect_vxlan_end(net: Net, end: VxlanEnd, *, ip: str, port: int) -> N
 
 
 async def join_bridge(net: Net, rv: Revert, *, owner: str, ports: list[int]) -> str:
-    """A bridge ``mcb<owner>`` with ``ports`` (link indexes) as its ports; returns its name."""
-    name = f"mcb{owner}"
-    bridge = await net.netlink.run(links.create_bridge_sync, name, marker=Marker(owner, "bridge"),
-                                   what=f"create bridge {name}")
+    """Join ``ports`` (link indexes) on one bridge; returns the bridge's name.
 
-    async def delete_bridge() -> None:
-        await net.netlink.delete(bridge)
+    If one of them is a bridge already (``local:br0`` exported), the others become
+    its ports (Linux cannot make a bridge a port of another bridge); undoing takes
+    out only what was added. Otherwise a new bridge ``mcb<owner>`` joins them.
+    """
+    existing = []
+    for index in ports:
+        link = await net.netlink.get(index=index)
+        if link is not None and link.kind == "bridge":
+            existing.append(link)
+    if len(existing) > 1:
+        raise errors.FailedPrecondition(
+            f"cannot bind two bridges ({existing[0].name}, {existing[1].name}) to each other; "
+            "export a port of one of them instead")
+    if existing:
+        bridge, name = existing[0].index, existing[0].name
+        ports = [index for index in ports if index != bridge]
+    else:
+        name = f"mcb{owner}"
+        bridge = await net.netlink.run(links.create_bridge_sync, name,
+                                       marker=Marker(owner, "bridge"),
+                                       what=f"create bridge {name}")
 
-    rv.add(delete_bridge, f"remove bridge {name}")
+        async def delete_bridge() -> None:
+            await net.netlink.delete(bridge)
+
+        rv.add(delete_bridge, f"remove bridge {name}")
     for index in ports:
         link = await net.netlink.get(index=index)
         if link is None:
@@ -176,7 +199,18 @@ async def join_bridge(net: Net, rv: Revert, *, owner: str, ports: list[int]) -> 
                     pass
 
             rv.add(down, f"set {link.name} down again")
-    await net.netlink.run(links.set_up_sync, bridge, True, what=f"set {name} up")
+    if not existing:
+        await net.netlink.run(links.set_up_sync, bridge, True, what=f"set {name} up")
+    elif not existing[0].up:
+        await net.netlink.run(links.set_up_sync, bridge, True, what=f"set {name} up")
+
+        async def bridge_down() -> None:
+            try:
+                await net.netlink.run(links.set_up_sync, bridge, False, what="set down")
+            except errors.NotFound:
+                pass
+
+        rv.add(bridge_down, f"set {name} down again")
     return name
 
 

@@ -72,7 +72,8 @@ class StreamService(ServiceDefinition):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.host = StreamHost(ctx.env.node_address, listen_timeout=_listen_timeout())
+        self.host = StreamHost(ctx.env.node_address, listen_timeout=_listen_timeout(),
+                               ctx=ctx)
         # Restorers need this instance's StreamHost, so they are bound methods.
         self.restorers = {  # type: ignore[misc]
             "tcp": self._restore_tcp,
