@@ -2,13 +2,15 @@
 
 ``busybox`` (default): a statically linked busybox (Debian ``busybox-static``)
 copied to ``bin/busybox`` with a hard link per applet, the usual directories
-and a minimal ``/etc`` (passwd, group, hosts). About 2 MB, ready at once. Hard
-links rather than symlinks: a root filesystem mounted over SFTP (sshfs) refuses
-absolute symlink targets and ones with ``..`` (``contain_symlinks``).
+and a minimal ``/etc`` (passwd, group, hosts). About 2 MB, ready at once. (Hard
+links: one file, and nothing for a client to resolve.)
 
 ``debootstrap``: a minimal Debian (``debootstrap --variant=minbase SUITE DIR
 [MIRROR]``, Debian package ``debootstrap``); it downloads packages from the
-mirror, so it needs network access and takes minutes.
+mirror, so it needs network access; about 200 MB, half a minute to a few minutes
+depending on the mirror. Its absolute symlinks (``/lib64/ld-linux-x86-64.so.2``,
+``/etc/alternatives``) work over every mount path: links are data (see
+``metac.fs.mount``).
 
 Then ``metac fs export local:DIR`` gives the ref to pass as ``--mount /=REF``.
 """
