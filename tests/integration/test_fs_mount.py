@@ -166,6 +166,12 @@ def test_symlinks_are_data_through_the_mount(pair, tmp_path: Path) -> None:
             os.symlink(text, seen + b"/" + name)
             assert os.readlink(os.fsencode(root) + b"/" + name) == text, name
             assert os.readlink(seen + b"/" + name) == text, name
+        # Owner and times of a (dangling) link change the link itself.
+        os.chown(seen + b"/made-dangling", 4321, 4321, follow_symlinks=False)
+        os.utime(seen + b"/made-dangling", (1_400_000_000, 1_400_000_000),
+                 follow_symlinks=False)
+        st = os.lstat(os.fsencode(root) + b"/made-dangling")
+        assert (st.st_uid, int(st.st_mtime)) == (4321, 1_400_000_000)
     finally:
         b.metac("fs", "umount", str(mnt))
 
