@@ -58,9 +58,11 @@ async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.
     try:
         return await child.wait()
     finally:
-        await supervisor.stop(child, grace=CHILD_GRACE)
-        if requests is not None:
-            await requests.stop()
+        try:
+            await supervisor.stop(child, grace=CHILD_GRACE)
+        finally:
+            if requests is not None:
+                await requests.stop()  # cuts the connection before its first await
 
 
 class RequestPump:
