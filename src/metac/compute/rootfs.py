@@ -21,6 +21,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 from metac import errors
 from metac.core.supervisor import require_program
@@ -116,6 +117,19 @@ def debootstrap_argv(target: str, suite: str, mirror: str | None = None) -> list
 
 
 def build_debootstrap(target: str, suite: str, mirror: str | None = None) -> None:
-    proc = subprocess.run(debootstrap_argv(target, suite, mirror), check=False)
+    """A minimal Debian in ``target`` (created if missing, must be empty); debootstrap's
+    progress goes to stderr, so stdout stays free for the caller."""
+    argv = debootstrap_argv(target, suite, mirror)
+    if os.geteuid() != 0:
+        raise errors.PermissionDenied("debootstrap needs root (it sets owners and makes "
+                                      "device nodes)")
+    if os.path.isdir(target) and os.listdir(target):
+        raise errors.AlreadyExists(f"{target} is not empty")
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                          check=False)
     if proc.returncode != 0:
-        raise errors.FailedPrecondition(f"debootstrap failed with exit code {proc.returncode}")
+        log = os.path.join(target, "debootstrap", "debootstrap.log")
+        where = f"; see {log}" if os.path.exists(log) else ""
+        raise errors.FailedPrecondition(
+            f"debootstrap {suite} failed with exit code {proc.returncode}{where} "
+            f"(it needs a reachable Debian mirror; {target} is left as it is)")
