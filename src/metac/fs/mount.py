@@ -200,12 +200,13 @@ class MountSession(Session):
 
     async def _mount_sshfs(self, sock: socket.socket) -> None:
         sshfs = require_program("sshfs", "sshfs")
+        has_option = await asyncio.to_thread(sshfs_contains_symlinks, sshfs)  # once: cached
         kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
         sock.setblocking(True)
         fd = sock.fileno()
         self._child = await self.state.supervisor.spawn(
             sshfs_argv(sshfs, self.path, self.marker, read_only=self.read_only,
-                       contain_symlinks_option=sshfs_contains_symlinks(sshfs)),
+                       contain_symlinks_option=has_option),
             name=f"sshfs-{self.id}", stdin=fd, stdout=fd, log_to_file=False)
         sock.close()  # sshfs holds the connection now
         loop = asyncio.get_running_loop()
