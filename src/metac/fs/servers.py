@@ -6,6 +6,9 @@ on it through the supervisor, sandboxed (``sandbox``), closes its own copy of th
 fd, and waits until the program exits (the peer closed the connection). If it is
 cancelled (the stream's holder was released or dropped) it stops the program.
 One program serves one connection, so nothing is shared between clients.
+sftp-server reads the client's requests through ``sftpfilter`` (a thread of ours
+between the connection and its stdin), so that no request makes it follow a symlink
+where Linux would not; it writes its replies to the connection directly.
 """
 
 from __future__ import annotations
