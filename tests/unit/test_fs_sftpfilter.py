@@ -106,3 +106,30 @@ def test_pump_copies_until_eof_and_closes_the_writer() -> None:
     assert got == run(data) and b"lsetstat@openssh.com" in got
     os.close(conn_r)
     os.close(stdin_r)
+
+
+def test_request_pump_stop_cuts_the_connection_it_shares() -> None:
+    """The server's stdin pump holds a copy of the connection: stopping it must still
+    end the connection for the peer (a cancelled stream, a revoked ref)."""
+    import asyncio
+    import socket
+
+    from metac.fs.servers import RequestPump
+
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        pump = RequestPump(ours.fileno())
+        ours.close()  # like endpoint.close(): only the pump's copies are left
+        server_stdin = os.fdopen(os.dup(pump.stdin), "rb")  # what the server would read
+        pump.start("test")
+        peer.sendall(setstat(3, b"/export/l", sf.ATTR_UIDGID, u32(0) * 2))
+        got = await asyncio.to_thread(server_stdin.read1, 65536)
+        assert b"lsetstat@openssh.com" in got
+        await asyncio.wait_for(pump.stop(), 10)
+        peer.settimeout(10)
+        assert peer.recv(1) == b""  # the peer sees the end
+        assert await asyncio.to_thread(server_stdin.read) == b""  # and the server its EOF
+        server_stdin.close()
+        peer.close()
+
+    asyncio.run(main())
