@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from test_compute_cli import service_log, snapshot, wait_clean
 
-from metac.testing.rootfs_cache import private_debian_root
+from metac.testing.rootfs_cache import BUILD_TIMEOUT, private_debian_root
 
-pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
+# The first run on a machine builds the cached root inside the test (debootstrap).
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root"),
+              pytest.mark.timeout(BUILD_TIMEOUT + 300)]
 
 PROBE = "metac-probe"
 POSTINST = f"""#!/bin/sh
