@@ -149,14 +149,14 @@ def test_hostile_sftp_client_and_the_mount_stay_inside(pair) -> None:
         for name in ("abs-file", "rel-file", "abs-dir"):
             assert stat.S_ISLNK(os.lstat(mnt / name).st_mode), name
         assert (mnt / "hello.txt").read_text() == "hello\n"
-        # A symlink made through the mount is made on A as a symlink (or refused),
-        # never followed there.
-        try:
-            os.symlink("/etc", mnt / "made-on-b")
-        except OSError:
-            pass
-        else:
-            assert stat.S_ISLNK(os.lstat(export / "made-on-b").st_mode)
+        # A symlink made through the mount is made on A as that symlink, never followed
+        # there, and changing its owner changes the link (lsetstat), not A's /etc.
+        os.symlink("/etc", mnt / "made-on-b")
+        assert os.readlink(export / "made-on-b") == "/etc"
+        etc_owner = os.stat("/etc").st_uid
+        os.chown(mnt / "made-on-b", 4321, 4321, follow_symlinks=False)
+        assert os.lstat(export / "made-on-b").st_uid == 4321
+        assert os.stat("/etc").st_uid == etc_owner
         with pytest.raises(OSError):
             os.link(tmp / "secret.txt", mnt / "hard")  # across filesystems: refused locally
     finally:

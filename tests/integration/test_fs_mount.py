@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from fs_support import create_write_read, eventually, node_pair, settle_without_leaks
 
+from metac.compute import rootfs
 from metac.fs import kernel
 from metac.testing.nodes import NodeHost, snapshot
 
@@ -121,6 +123,57 @@ def test_mount_file_operations_and_clean_umount(pair) -> None:
     settle_without_leaks(before, a, b)
     again = b.metac("fs", "umount", str(mnt), check=False)
     assert again.returncode == 3 and "not a mount" in again.stderr
+
+
+def test_symlinks_are_data_through_the_mount(pair, tmp_path: Path) -> None:
+    """readlink gives A's link text byte for byte (absolute, relative, dangling, outside
+    the export, not UTF-8); symlink stores exactly the text given; an absolute link
+    resolves on B inside the root it is used in (a chroot of the mount), never on A."""
+    a, b, export, mnt = pair
+    root = export / "root"
+    rootfs.build_busybox(str(root))  # a `cat` to run in a chroot of the mount
+    planted = tmp_path / "planted" / "marker.txt"  # an absolute path that exists twice:
+    planted.parent.mkdir()
+    planted.write_text("A's own file\n")  # ...on A (and B: one host here)
+    inside = root / str(planted).lstrip("/")
+    inside.parent.mkdir(parents=True)
+    inside.write_text("inside the export\n")  # ...and inside the exported root
+    links = {
+        b"abs": os.fsencode(str(planted)),
+        b"rel": os.fsencode(str(inside.relative_to(root))),
+        b"dangling": b"/nonexistent-" + os.urandom(4).hex().encode() + b"/x",
+        b"outside": b"../../../../../etc/passwd",
+        b"odd": b"/bytes \xff\xfe and spaces/../x",
+    }
+    for name, text in links.items():
+        os.symlink(text, os.fsencode(root) + b"/" + name)
+    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    b.metac("fs", "mount", ref, str(mnt))
+    try:
+        seen = os.fsencode(mnt / "root")
+        for name, text in links.items():
+            assert os.readlink(seen + b"/" + name) == text, name
+            assert stat.S_ISLNK(os.lstat(seen + b"/" + name).st_mode), name
+        chrooted = b.host.run(["chroot", str(mnt / "root"), "/bin/cat", "/abs"], timeout=60)
+        assert chrooted.stdout == "inside the export\n"
+        assert b.host.run(["chroot", str(mnt / "root"), "/bin/cat", "/rel"],
+                          timeout=60).stdout == "inside the export\n"
+        assert planted.read_text() == "A's own file\n"
+        # symlink(2) through the mount stores exactly the given text on A.
+        made = {b"made-abs": b"/etc/made/target", b"made-rel": b"../up/../made",
+                b"made-dangling": b"no/such/thing"}
+        for name, text in made.items():
+            os.symlink(text, seen + b"/" + name)
+            assert os.readlink(os.fsencode(root) + b"/" + name) == text, name
+            assert os.readlink(seen + b"/" + name) == text, name
+        # Owner and times of a (dangling) link change the link itself.
+        os.chown(seen + b"/made-dangling", 4321, 4321, follow_symlinks=False)
+        os.utime(seen + b"/made-dangling", (1_400_000_000, 1_400_000_000),
+                 follow_symlinks=False)
+        st = os.lstat(os.fsencode(root) + b"/made-dangling")
+        assert (st.st_uid, int(st.st_mtime)) == (4321, 1_400_000_000)
+    finally:
+        b.metac("fs", "umount", str(mnt))
 
 
 def test_one_gib_round_trip_byte_exact(pair) -> None:

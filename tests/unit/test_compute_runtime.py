@@ -146,3 +146,21 @@ def test_build_busybox(tmp_path) -> None:
     assert oct((target / "tmp").stat().st_mode & 0o7777) == "0o1777"
     with pytest.raises(errors.AlreadyExists):
         rootfs.build_busybox(str(target))
+
+
+def test_debootstrap_refusals(tmp_path, monkeypatch) -> None:
+    """A non-empty target or a non-root caller is refused before debootstrap runs."""
+    monkeypatch.setattr(rootfs, "require_program", lambda name, package: f"/usr/sbin/{name}")
+    assert rootfs.debootstrap_argv("/t", "bookworm", "http://m/debian") == [
+        "/usr/sbin/debootstrap", "--variant=minbase", "bookworm", "/t", "http://m/debian"]
+    ran = []
+    monkeypatch.setattr(rootfs.subprocess, "run", lambda *a, **k: ran.append(a))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    monkeypatch.setattr(rootfs.os, "geteuid", lambda: 0)
+    with pytest.raises(errors.AlreadyExists):
+        rootfs.build_debootstrap(str(tmp_path / "full"), "bookworm")
+    monkeypatch.setattr(rootfs.os, "geteuid", lambda: 1000)
+    with pytest.raises(errors.PermissionDenied):
+        rootfs.build_debootstrap(str(tmp_path / "new"), "bookworm")
+    assert ran == []

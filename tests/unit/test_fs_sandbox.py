@@ -105,3 +105,22 @@ def test_mount_command_lines() -> None:
     opts = argv[3].split(",")
     assert {"passive", "fsname=metac:1", "ro"} <= set(opts)
     assert "follow_symlinks" not in opts
+
+
+def test_sshfs_passes_symlink_texts_through(tmp_path) -> None:
+    """Debian's sshfs rejects absolute and ``..`` link targets unless told
+    ``no_contain_symlinks``; builds without that option refuse it as unknown."""
+    argv = mount.sshfs_argv("/usr/bin/sshfs", "/mnt", "metac:1", read_only=False,
+                            contain_symlinks_option=True)
+    opts = argv[3].split(",")
+    assert "no_contain_symlinks" in opts
+    assert not {"follow_symlinks", "transform_symlinks", "contain_symlinks"} & set(opts)
+    plain = mount.sshfs_argv("/usr/bin/sshfs", "/mnt", "metac:1", read_only=False)
+    assert "no_contain_symlinks" not in plain[3].split(",")
+    for name, help_text in (("patched", "-o contain_symlinks ...\n-o no_contain_symlinks\n"),
+                            ("older", "-o transform_symlinks\n-o follow_symlinks\n")):
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\ncat >&2 <<'X'\n{help_text}X\nexit 1\n")
+        fake.chmod(0o755)
+        assert mount.sshfs_contains_symlinks(str(fake)) is (name == "patched")
+    assert mount.sshfs_contains_symlinks(str(tmp_path / "missing")) is False

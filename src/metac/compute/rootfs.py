@@ -2,13 +2,15 @@
 
 ``busybox`` (default): a statically linked busybox (Debian ``busybox-static``)
 copied to ``bin/busybox`` with a hard link per applet, the usual directories
-and a minimal ``/etc`` (passwd, group, hosts). About 2 MB, ready at once. Hard
-links rather than symlinks: a root filesystem mounted over SFTP (sshfs) refuses
-absolute symlink targets and ones with ``..`` (``contain_symlinks``).
+and a minimal ``/etc`` (passwd, group, hosts). About 2 MB, ready at once. (Hard
+links: one file, and nothing for a client to resolve.)
 
 ``debootstrap``: a minimal Debian (``debootstrap --variant=minbase SUITE DIR
 [MIRROR]``, Debian package ``debootstrap``); it downloads packages from the
-mirror, so it needs network access and takes minutes.
+mirror, so it needs network access; about 200 MB, half a minute to a few minutes
+depending on the mirror. Its absolute symlinks (``/lib64/ld-linux-x86-64.so.2``,
+``/etc/alternatives``) work over every mount path: links are data (see
+``metac.fs.mount``).
 
 Then ``metac fs export local:DIR`` gives the ref to pass as ``--mount /=REF``.
 """
@@ -19,6 +21,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 from metac import errors
 from metac.core.supervisor import require_program
@@ -114,6 +117,19 @@ def debootstrap_argv(target: str, suite: str, mirror: str | None = None) -> list
 
 
 def build_debootstrap(target: str, suite: str, mirror: str | None = None) -> None:
-    proc = subprocess.run(debootstrap_argv(target, suite, mirror), check=False)
+    """A minimal Debian in ``target`` (created if missing, must be empty); debootstrap's
+    progress goes to stderr, so stdout stays free for the caller."""
+    argv = debootstrap_argv(target, suite, mirror)
+    if os.geteuid() != 0:
+        raise errors.PermissionDenied("debootstrap needs root (it sets owners and makes "
+                                      "device nodes)")
+    if os.path.isdir(target) and os.listdir(target):
+        raise errors.AlreadyExists(f"{target} is not empty")
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                          check=False)
     if proc.returncode != 0:
-        raise errors.FailedPrecondition(f"debootstrap failed with exit code {proc.returncode}")
+        log = os.path.join(target, "debootstrap", "debootstrap.log")
+        where = f"; see {log}" if os.path.exists(log) else ""
+        raise errors.FailedPrecondition(
+            f"debootstrap {suite} failed with exit code {proc.returncode}{where} "
+            f"(it needs a reachable Debian mirror; {target} is left as it is)")

@@ -9,6 +9,15 @@ Three methods, picked by ``choose_method`` unless forced:
 * ``sftp``: otherwise (FUSE): ``sftpStream()`` opened as a local socket, given
   to ``sshfs -o passive`` as stdin/stdout (SFTP with no SSH layer).
 
+Symlinks are data on every path: ``readlink`` returns the link text exactly as
+the serving side stores it, and ``symlink`` stores exactly the given text. The
+kernel of the mounting node resolves a link, inside the mounting process's own
+root (for a container, the mounted root); the serving side never follows one
+for the client. sshfs needs ``no_contain_symlinks`` for that: Debian's sshfs
+(since the fix for CVE-2026-47187) rejects absolute targets and targets with
+``..`` by default (``readlink`` fails with EPERM), which breaks every
+distribution's root (``/lib64/ld-linux-x86-64.so.2`` is an absolute link).
+
 A ``MountSession`` owns one mount point: the connection (``OpenedStream``, whose
 holder keeps the server on the other node), the helper process and the mount.
 A watcher notices when the connection dies (sshfs exits; for 9p the TCP state
@@ -27,9 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
+import subprocess
 from typing import Any
 
 from metac import errors
@@ -87,8 +98,27 @@ def ninep_options(fd: int) -> str:
                      "uname=root", "access=client", f"msize={NINEP_MSIZE}", "cache=mmap"])
 
 
-def sshfs_argv(sshfs: str, path: str, marker: str, *, read_only: bool) -> list[str]:
+@functools.lru_cache(maxsize=4)
+def sshfs_contains_symlinks(sshfs: str) -> bool:
+    """True if this sshfs has the ``contain_symlinks`` option (on by default where it
+    exists, and then ``no_contain_symlinks`` turns it off; older builds lack both and
+    refuse unknown options)."""
+    try:
+        proc = subprocess.run([sshfs, "-h"], capture_output=True, text=True, timeout=30,
+                              check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "no_contain_symlinks" in proc.stdout + proc.stderr
+
+
+def sshfs_argv(sshfs: str, path: str, marker: str, *, read_only: bool,
+               contain_symlinks_option: bool = False) -> list[str]:
+    """The sshfs command line. ``contain_symlinks_option``: this sshfs has
+    ``contain_symlinks`` (see the module docstring), so turn it off: link texts are
+    passed through unchanged, as every other filesystem does."""
     opts = f"{SSHFS_OPTIONS},fsname={marker},subtype=metac"
+    if contain_symlinks_option:
+        opts += ",no_contain_symlinks"
     if read_only:
         opts += ",ro"
     return [sshfs, "-f", "-o", opts, ":/export", path]
@@ -173,11 +203,13 @@ class MountSession(Session):
 
     async def _mount_sshfs(self, sock: socket.socket) -> None:
         sshfs = require_program("sshfs", "sshfs")
+        has_option = await asyncio.to_thread(sshfs_contains_symlinks, sshfs)  # once: cached
         kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
         sock.setblocking(True)
         fd = sock.fileno()
         self._child = await self.state.supervisor.spawn(
-            sshfs_argv(sshfs, self.path, self.marker, read_only=self.read_only),
+            sshfs_argv(sshfs, self.path, self.marker, read_only=self.read_only,
+                       contain_symlinks_option=has_option),
             name=f"sshfs-{self.id}", stdin=fd, stdout=fd, log_to_file=False)
         sock.close()  # sshfs holds the connection now
         loop = asyncio.get_running_loop()

@@ -6,6 +6,9 @@ on it through the supervisor, sandboxed (``sandbox``), closes its own copy of th
 fd, and waits until the program exits (the peer closed the connection). If it is
 cancelled (the stream's holder was released or dropped) it stops the program.
 One program serves one connection, so nothing is shared between clients.
+sftp-server reads the client's requests through ``sftpfilter`` (a thread of ours
+between the connection and its stdin), so that no request makes it follow a symlink
+where Linux would not; it writes its replies to the connection directly.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import secrets
 import socket
 import stat
 import subprocess
+import threading
 
 from metac import errors
 from metac.core.pump import Endpoint
 from metac.core.supervisor import Supervisor, require_program
 from metac.fs import sandbox as sb
+from metac.fs import sftpfilter
 from metac.fs.resolve import Directory, Entry
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -31,20 +36,79 @@ RECV_CHUNK = 1 << 20
 
 
 async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.Sandbox, *,
-                            name: str, stdio: bool) -> int:
-    """Run ``box`` on the connection (as stdin/stdout if ``stdio``); wait for it to end."""
+                            name: str, stdio: bool, filter_requests: bool = False) -> int:
+    """Run ``box`` on the connection (as stdin/stdout if ``stdio``); wait for it to end.
+
+    ``filter_requests`` (stdio only): the program's stdin is a pipe fed through
+    ``sftpfilter`` by a thread of ours; it still writes to the connection directly."""
     fd = endpoint.read_fd
     os.set_blocking(fd, True)  # the program does blocking I/O on it
-    extra = {"stdin": fd, "stdout": fd} if stdio else {}
-    # One program per connection: its stderr goes to the service's log (no file each).
-    child = await supervisor.spawn(box.argv(sb.bwrap()), name=f"{name}-{secrets.token_hex(4)}",
-                                   pass_fds=[*box.pass_fds, *([] if stdio else [fd])],
-                                   log_to_file=False, **extra)
+    requests = RequestPump(fd) if stdio and filter_requests else None
+    extra = {"stdin": fd if requests is None else requests.stdin, "stdout": fd} if stdio else {}
+    try:
+        # One program per connection: its stderr goes to the service's log (no file each).
+        child = await supervisor.spawn(box.argv(sb.bwrap()),
+                                       name=f"{name}-{secrets.token_hex(4)}",
+                                       pass_fds=[*box.pass_fds, *([] if stdio else [fd])],
+                                       log_to_file=False, **extra)
+    except BaseException:
+        if requests is not None:
+            requests.close()
+        raise
     endpoint.close()  # the program holds the connection now: its exit closes it
+    if requests is not None:
+        requests.start(name)
     try:
         return await child.wait()
     finally:
-        await supervisor.stop(child, grace=CHILD_GRACE)
+        try:
+            await supervisor.stop(child, grace=CHILD_GRACE)
+        finally:
+            if requests is not None:
+                await requests.stop()  # cuts the connection before its first await
+
+
+class RequestPump:
+    """The thread that copies the connection into the server's stdin through
+    ``sftpfilter.RequestFilter``. The thread owns its fds once started; ``stop``
+    shuts the connection down (through a socket of its own), which ends the thread's
+    read, and waits for it."""
+
+    def __init__(self, conn_fd: int) -> None:
+        self._sock = socket.socket(fileno=os.dup(conn_fd))
+        self._conn = os.dup(conn_fd)
+        self.stdin, self._stdin_w = os.pipe()
+        self._done: asyncio.Future[None] | None = None
+
+    def start(self, name: str) -> None:
+        os.close(self.stdin)  # the server has its copy
+        loop = asyncio.get_running_loop()
+        done = self._done = loop.create_future()
+        conn, stdin_w = self._conn, self._stdin_w
+
+        def run() -> None:
+            try:
+                sftpfilter.pump(conn, stdin_w)  # closes stdin_w
+            finally:
+                os.close(conn)
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        threading.Thread(target=run, name=f"{name}-requests", daemon=True).start()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if self._done is not None:
+            await asyncio.shield(self._done)
+
+    def close(self) -> None:
+        """Instead of ``start``: close everything."""
+        self._sock.close()
+        for fd in (self._conn, self.stdin, self._stdin_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 async def serve_9p(supervisor: Supervisor, directory: Directory, read_only: bool,
@@ -78,7 +142,9 @@ async def serve_sftp(supervisor: Supervisor, identity_dir: str, directory: Direc
         box = sb.Sandbox(argv, sb.program_files(SFTP_SERVER), sb.CAPS_FILE_SERVER,
                          binds=[(own.fd, sb.EXPORT_DIR, read_only)],
                          data_files=sb.identity_files(identity_dir), chdir=sb.EXPORT_DIR)
-        await run_on_connection(supervisor, endpoint, box, name="sftp-server", stdio=True)
+        # SETSTAT becomes lsetstat (never follows a symlink) where the server has it.
+        await run_on_connection(supervisor, endpoint, box, name="sftp-server", stdio=True,
+                                filter_requests=sftpfilter.server_has_lsetstat(SFTP_SERVER))
     finally:
         own.close()
 

@@ -103,6 +103,14 @@ def test_9p_mount_stays_inside_the_export(pair, tmp_path: Path) -> None:
         assert stat.S_ISLNK(os.lstat(export / "made-on-b").st_mode)
         with pytest.raises(OSError):
             (mnt / "made-on-b").read_text()
+        # Symlinks are data: absolute and dangling link texts come back as stored, and
+        # symlink(2) stores exactly the text given; lchown changes the link itself.
+        for name, text in (("abs-link", "/etc/hostname"), ("dangling", "/no/such/x")):
+            os.symlink(text, export / name)
+            assert os.readlink(mnt / name) == text
+        os.symlink("/made/absolute", mnt / "made-abs")
+        assert os.readlink(export / "made-abs") == "/made/absolute"
+        os.chown(mnt / "made-abs", 0, 0, follow_symlinks=False)
         with pytest.raises(OSError):  # a hard link to a file outside: another filesystem
             os.link(tree / "outside" / "secret", mnt / "hard")
         assert (tree / "outside" / "secret").read_text() == "SECRET"
