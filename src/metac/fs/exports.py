@@ -30,7 +30,7 @@ from metac import errors
 from metac.core.service import Description, PersistableMixin
 from metac.core.streams import HandoffStreamServer
 from metac.core.supervisor import require_program
-from metac.fs import servers
+from metac.fs import servers, squash
 from metac.fs.resolve import Directory, Entry, parse_name
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
@@ -109,20 +109,59 @@ def protocol_stream(state: FsState, owner: Any, protocol: str, serve: Any) -> Ha
         description=Description("stream", {"protocol": protocol}, caps=[owner]))
 
 
+#: ``FilesystemServer.owner`` of the admin's root filesystem (``FilesystemNamespace.filesystem``):
+#: it acts as the owner of its own directory, and each subtree taken from it as the
+#: owner of that subtree's directory (what `metac fs export local:/PATH` makes).
+OWN_DIRECTORY = "own-directory"
+
+
 class FilesystemServer(Exported, fs_schema.Filesystem.Server):
+    """A directory. ``owner`` is whom its data-plane servers act as (``squash``):
+    an ``Identity`` fixed when it was exported and inherited by everything derived
+    from it, ``OWN_DIRECTORY``, or None to preserve owners (root-equivalent)."""
+
     CATEGORY = "filesystem"
 
-    def __init__(self, state: FsState, directory: Directory, read_only: bool = False) -> None:
+    def __init__(self, state: FsState, directory: Directory, read_only: bool = False,
+                 owner: squash.Identity | str | None = OWN_DIRECTORY) -> None:
         super().__init__(state, read_only)
         self.directory = directory
+        self.owner = owner
 
     @property
     def path(self) -> str:
         return self.directory.path
 
+    @property
+    def preserve_owners(self) -> bool:
+        return self.owner is None
+
+    def acting_as(self) -> squash.Identity | None:
+        """The identity its servers run as (None: root, preserving owners)."""
+        if self.owner == OWN_DIRECTORY:
+            return squash.Identity.of_fd(self.directory.fd)
+        assert self.owner is None or isinstance(self.owner, squash.Identity)
+        return self.owner
+
+    def _derived(self, directory: Directory, read_only: bool) -> FilesystemServer:
+        """A view of ``directory`` (this one or below it) with this one's owner rule:
+        a fixed identity is inherited; the admin's root gives each subtree its owner."""
+        owner = (squash.Identity.of_fd(directory.fd) if self.owner == OWN_DIRECTORY
+                 else self.owner)
+        return FilesystemServer(self._state, directory, read_only, owner)
+
+    def _describe(self) -> Description:
+        desc = super()._describe()
+        who = self.acting_as()
+        if who is None:
+            desc.data["preserveOwners"] = True
+        else:
+            desc.data["owner"] = who.to_json()
+        return desc
+
     async def getSubtree(self, name: str, _context: Any, **kwargs: Any) -> None:
         sub = self.directory.subdir(parse_name(name))
-        _context.results.fs = FilesystemServer(self._state, sub, self.read_only)
+        _context.results.fs = self._derived(sub, self.read_only)
 
     async def getFile(self, name: str, _context: Any, **kwargs: Any) -> None:
         entry = Entry.resolve(self.directory, name)
@@ -131,8 +170,9 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
     def stream_9p(self) -> HandoffStreamServer:
         require_program("diod", "diod")
         require_program("bwrap", "bubblewrap")
-        serve = functools.partial(servers.serve_9p, self._state.supervisor, self.directory,
-                                  self.read_only)
+        serve = functools.partial(servers.serve_9p, self._state.supervisor,
+                                  self._state.identity_dir, self.directory, self.read_only,
+                                  self.acting_as())
         return protocol_stream(self._state, self, "9p", serve)
 
     def stream_sftp(self) -> HandoffStreamServer:
@@ -140,7 +180,8 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
             raise errors.MissingDependency(servers.SFTP_SERVER, "openssh-sftp-server")
         require_program("bwrap", "bubblewrap")
         serve = functools.partial(servers.serve_sftp, self._state.supervisor,
-                                  self._state.identity_dir, self.directory, self.read_only)
+                                  self._state.identity_dir, self.directory, self.read_only,
+                                  self.acting_as())
         return protocol_stream(self._state, self, "sftp", serve)
 
     async def v9fsStream(self, _context: Any, **kwargs: Any) -> None:
@@ -150,7 +191,7 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         _context.results.stream = self.stream_sftp()
 
     async def readOnly(self, _context: Any, **kwargs: Any) -> None:
-        _context.results.fs = FilesystemServer(self._state, self.directory.dup(), True)
+        _context.results.fs = self._derived(self.directory.dup(), True)
 
     async def info(self, _context: Any, **kwargs: Any) -> None:
         info = _context.results.init("info")
@@ -227,8 +268,15 @@ class BlockDeviceServer(_EntryExport, fs_schema.BlockDevice.Server):
 
 
 def restore_filesystem(state: FsState, data: dict[str, Any]) -> FilesystemServer:
-    return FilesystemServer(state, Directory.open_absolute(str(data["path"])),
-                            bool(data.get("readOnly")))
+    directory = Directory.open_absolute(str(data["path"]))
+    owner: squash.Identity | None
+    if data.get("preserveOwners"):
+        owner = None
+    elif "owner" in data:
+        owner = squash.Identity.from_json(data["owner"])
+    else:  # described before owners were squashed: its directory's owner, from now on
+        owner = squash.Identity.of_fd(directory.fd)
+    return FilesystemServer(state, directory, bool(data.get("readOnly")), owner)
 
 
 def _entry_at(path: str) -> Entry:

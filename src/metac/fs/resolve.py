@@ -131,25 +131,56 @@ class Entry:
             return os.open(self.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                            dir_fd=self.parent.fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise errors.PermissionDenied(f"{self.name}: is a symlink (not followed)") from None
-            if exc.errno == errno.ENOENT:
-                raise errors.NotFound(f"{self.name}: no such file") from None
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise errors.PermissionDenied(f"{self.name}: {exc.strerror}") from None
-            if exc.errno == errno.EISDIR:
-                raise errors.FailedPrecondition(f"{self.name}: is a directory") from None
-            raise errors.FailedPrecondition(f"{self.name}: {exc.strerror}") from None
+            raise self._open_error(exc) from None
+
+    def _open_error(self, exc: OSError) -> errors.MetacError:
+        if exc.errno == errno.ELOOP:
+            return errors.PermissionDenied(f"{self.name}: is a symlink (not followed)")
+        if exc.errno == errno.ENOENT:
+            return errors.NotFound(f"{self.name}: no such file")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return errors.PermissionDenied(f"{self.name}: {exc.strerror}")
+        if exc.errno == errno.EISDIR:
+            return errors.FailedPrecondition(f"{self.name}: is a directory")
+        if exc.errno == errno.EEXIST:
+            return errors.AlreadyExists(f"{self.name}: exists")
+        return errors.FailedPrecondition(f"{self.name}: {exc.strerror}")
 
     def open_regular(self, flags: int, *, allow_block: bool = False, mode: int = 0o644) -> int:
-        """Like ``open`` but only a regular file (or, if allowed, a block device)."""
-        fd = self.open(flags | os.O_NONBLOCK, mode)  # a FIFO must not block the open
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or (allow_block and stat.S_ISBLK(st.st_mode))):
-            os.close(fd)
-            raise errors.FailedPrecondition(f"{self.name}: not a regular file")
-        os.set_blocking(fd, True)
-        return fd
+        """Like ``open`` but only a regular file (or, if allowed, a block device).
+
+        The type is checked before the file is opened for real: an ``O_PATH`` handle
+        (which opens nothing: no device driver, no FIFO) is checked with fstat, and
+        only then reopened through ``/proc/self/fd`` with ``flags``, which reaches the
+        very inode that was checked. With ``O_CREAT`` a missing file is created with
+        ``O_EXCL`` (a regular file, made by this call)."""
+        for _ in range(8):  # a file created or removed between the two opens: try again
+            try:
+                pfd = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=self.parent.fd)
+            except FileNotFoundError:
+                if not flags & os.O_CREAT:
+                    raise errors.NotFound(f"{self.name}: no such file") from None
+                try:
+                    return self.open(flags | os.O_EXCL, mode)
+                except errors.AlreadyExists:
+                    continue
+            except OSError as exc:
+                raise self._open_error(exc) from None
+            try:
+                st = os.fstat(pfd)
+                if stat.S_ISLNK(st.st_mode):
+                    raise errors.PermissionDenied(f"{self.name}: is a symlink (not followed)")
+                if not (stat.S_ISREG(st.st_mode) or (allow_block and stat.S_ISBLK(st.st_mode))):
+                    raise errors.FailedPrecondition(f"{self.name}: not a regular file")
+                try:
+                    return os.open(f"/proc/self/fd/{pfd}",
+                                   (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise self._open_error(exc) from None
+            finally:
+                os.close(pfd)
+        raise errors.Unavailable(f"{self.name}: keeps changing; try again")
 
     def lstat(self) -> os.stat_result | None:
         try:

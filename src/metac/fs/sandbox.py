@@ -26,6 +26,7 @@ program needs to serve files of several owners as root; never
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import subprocess
 from collections.abc import Sequence
@@ -113,12 +114,15 @@ class Sandbox:
     binds: list[tuple[int, str, bool]] = field(default_factory=list)  # (fd, dest, read_only)
     data_files: list[tuple[str, str]] = field(default_factory=list)  # (host path, dest), ro
     chdir: str = "/"
+    seccomp_fd: int = -1  # a compiled filter bwrap loads before exec (squash.seccomp_fd)
 
     def argv(self, bwrap: str = "bwrap") -> list[str]:
         argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid",
                 "--unshare-net", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]
         for cap in self.caps:
             argv += ["--cap-add", cap]
+        if self.seccomp_fd >= 0:
+            argv += ["--seccomp", str(self.seccomp_fd)]
         links: dict[str, str] = {}
         reals: list[str] = []
         for path in self.files:
@@ -139,19 +143,22 @@ class Sandbox:
 
     @property
     def pass_fds(self) -> list[int]:
-        return [fd for fd, _, _ in self.binds]
+        fds = [fd for fd, _, _ in self.binds]
+        return fds + [self.seccomp_fd] if self.seccomp_fd >= 0 else fds
 
 
 def bwrap() -> str:
     return require_program("bwrap", "bubblewrap")
 
 
-def identity_files(directory: str) -> list[tuple[str, str]]:
-    """Synthetic /etc/passwd and /etc/group (root and nobody only) for programs that look up uid 0."""
+def identity_files(directory: str, extra: tuple[str, str] = ("", "")) -> list[tuple[str, str]]:
+    """Synthetic /etc/passwd and /etc/group (root and nobody, plus the ``extra`` passwd and
+    group lines) for programs that look up users."""
     os.makedirs(directory, mode=0o755, exist_ok=True)
     out = []
-    for name, text in (("passwd", PASSWD), ("group", GROUP)):
-        path = os.path.join(directory, name)
+    suffix = "." + hashlib.sha256("".join(extra).encode()).hexdigest()[:12] if any(extra) else ""
+    for name, text in (("passwd", PASSWD + extra[0]), ("group", GROUP + extra[1])):
+        path = os.path.join(directory, name + suffix)
         try:
             with open(path) as f:
                 current = f.read()
