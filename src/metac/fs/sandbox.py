@@ -129,6 +129,11 @@ class Sandbox:
             chain, real = symlink_chain(path)
             links.update(chain)
             reals.append(real)
+        # Directories bwrap would make on the way are 0700: a server that runs as the
+        # export's owner (not root) could not reach its own program. Make them 0755.
+        dests = [*reals, *links, *(d for _, d in self.data_files), *(d for _, d, _ in self.binds)]
+        for parent in sorted({os.path.dirname(d) for d in dests} - {"/"}):
+            argv += ["--perms", "0755", "--dir", parent]
         for real in dict.fromkeys(reals):
             argv += ["--ro-bind", real, real]
         for link, target in links.items():

@@ -30,6 +30,10 @@ from metac.fs.resolve import Directory, Entry
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 CHILD_GRACE = 2.0
 RECV_CHUNK = 1 << 20
+#: diod running as uid 0 sets its threads' supplementary groups at start and exits
+#: without CAP_SETGID; squashed to a root-owned export it keeps that one capability
+#: (with -S every attach is root with root's groups, and the filter still holds).
+DIOD_ROOT_KEEPS = ("setgid",)
 
 
 async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.Sandbox, *,
@@ -50,12 +54,13 @@ async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.
 
 
 def squashed_box(program: list[str], files: tuple[str, ...], owner: squash.Identity,
-                 binds: list[tuple[int, str, bool]], identity_dir: str) -> sb.Sandbox:
-    """``program`` run as ``owner`` with no capability and the setuid/setgid filter
-    (``squash``); the caller closes ``box.seccomp_fd``."""
+                 binds: list[tuple[int, str, bool]], identity_dir: str,
+                 keep: tuple[str, ...] = ()) -> sb.Sandbox:
+    """``program`` run as ``owner`` with no capability (but ``keep`` if ``owner`` is
+    root) and the setuid/setgid filter (``squash``); the caller closes ``seccomp_fd``."""
     setpriv = require_program("setpriv", "util-linux")
     fd = squash.seccomp_fd()
-    return sb.Sandbox([*squash.become_argv(setpriv, owner), *program],
+    return sb.Sandbox([*squash.become_argv(setpriv, owner, keep), *program],
                       (*files, *sb.program_files(setpriv)), squash.CAPS_SWITCH, binds=binds,
                       data_files=sb.identity_files(identity_dir, squash.identity_lines(owner)),
                       chdir=sb.EXPORT_DIR, seccomp_fd=fd)
@@ -66,7 +71,7 @@ def diod_argv(diod: str, fd: int, read_only: bool, owner: squash.Identity | None
     user (``-S``: every attach is mapped to it, and as a non-root diod it switches no
     ids); preserving owners, it runs as root with ``-N`` and switches fsuid per request."""
     argv = [diod, "-f", "-r", str(fd), "-w", str(fd), "-n", "-L", "stderr", "-e", sb.EXPORT_DIR]
-    argv += ["-S"] if owner is not None else ["-N"]
+    argv += ["-S", "-U", squash.OWNER_NAME] if owner is not None else ["-N"]
     if read_only:
         argv += ["-o", "ro"]
     return argv
@@ -80,11 +85,12 @@ def sftp_argv(read_only: bool) -> list[str]:
 
 def file_server_box(program: list[str], files: tuple[str, ...], caps: tuple[str, ...],
                     own: Directory, read_only: bool, owner: squash.Identity | None,
-                    identity_dir: str) -> sb.Sandbox:
-    """The sandbox of a directory server: squashed to ``owner``, or root with ``caps``."""
+                    identity_dir: str, keep: tuple[str, ...] = ()) -> sb.Sandbox:
+    """The sandbox of a directory server: squashed to ``owner`` (keeping ``keep`` if
+    that is root), or root with ``caps``."""
     binds = [(own.fd, sb.EXPORT_DIR, read_only)]
     if owner is not None:
-        return squashed_box(program, files, owner, binds, identity_dir)
+        return squashed_box(program, files, owner, binds, identity_dir, keep)
     return sb.Sandbox(program, files, caps, binds=binds,
                       data_files=sb.identity_files(identity_dir), chdir=sb.EXPORT_DIR)
 
@@ -108,8 +114,8 @@ async def serve_9p(supervisor: Supervisor, identity_dir: str, directory: Directo
     diod = require_program("diod", "diod")
     argv = diod_argv(diod, endpoint.read_fd, read_only, owner)
     await _serve_directory(supervisor, lambda own: file_server_box(
-        argv, sb.program_files(diod), sb.CAPS_DIOD, own, read_only, owner, identity_dir),
-        directory, endpoint, name="diod", stdio=False)
+        argv, sb.program_files(diod), sb.CAPS_DIOD, own, read_only, owner, identity_dir,
+        DIOD_ROOT_KEEPS), directory, endpoint, name="diod", stdio=False)
 
 
 async def serve_sftp(supervisor: Supervisor, identity_dir: str, directory: Directory,

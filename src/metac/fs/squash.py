@@ -135,15 +135,22 @@ def seccomp_fd() -> int:
     return r
 
 
-def become_argv(setpriv: str, who: Identity) -> list[str]:
-    """The prefix that switches to ``who`` and drops every capability, then execs."""
+def become_argv(setpriv: str, who: Identity, keep: tuple[str, ...] = ()) -> list[str]:
+    """The prefix that switches to ``who`` and drops every capability, then execs.
+
+    ``keep`` (names like ``setgid``) stays in the bounding set, which is what a
+    process of uid 0 gets at exec; a process of any other uid has no capability."""
+    bounding = ",".join(["-all", *(f"+{cap}" for cap in keep)]) if who.uid == 0 else "-all"
     return [setpriv, f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups",
-            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
+            "--inh-caps=-all", "--ambient-caps=-all", f"--bounding-set={bounding}", "--"]
+
+
+#: The user name ``identity_lines`` gives the export's owner (diod ``-U``).
+OWNER_NAME = "export-owner"
 
 
 def identity_lines(who: Identity) -> tuple[str, str]:
-    """passwd and group lines naming ``who`` (diod looks its own uid up by name)."""
-    extra_user = f"export-owner:x:{who.uid}:{who.gid}:export owner:/:/nonexistent\n"
-    extra_group = f"export-group:x:{who.gid}:\n"
-    return (extra_user if who.uid not in (0, 65534) else "",
-            extra_group if who.gid not in (0, 65534) else "")
+    """passwd and group lines naming ``who`` (diod looks its squash user up by name,
+    also when it is uid 0 with another group than root's)."""
+    return (f"{OWNER_NAME}:x:{who.uid}:{who.gid}:export owner:/:/nonexistent\n",
+            f"export-group:x:{who.gid}:\n")
