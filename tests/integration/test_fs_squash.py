@@ -9,18 +9,22 @@ capability; ``--preserve-owners`` keeps the root behaviour and survives a restar
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from fs_support import node_pair
+from fs_support import forward, node_pair, stop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
 NOBODY = 65534
+NINEP_CLIENT = Path(__file__).with_name("ninep_client.py")
 
 
 @pytest.fixture
@@ -171,3 +175,42 @@ def test_local_exports_refuse_a_symlink_unless_follow(pair) -> None:
     assert a.metac("fs", "export", "--follow", f"local:{export}/dirlink").returncode == 0
     # a symlink earlier in the path is the admin's own choice, resolved as before
     assert a.metac("file", "export", f"local:{export}/dirlink/f.txt").returncode == 0
+
+
+def ninep_attack(b, ref: str) -> dict[str, int]:
+    """The raw 9P client's errnos against diod, through `fs stream` + `stream forward` on B."""
+    stream_ref = b.metac("fs", "stream", "--protocol", "9p", ref).stdout.strip()
+    fwd, port = forward(b, stream_ref)
+    try:
+        proc = b.host.run([sys.executable, str(NINEP_CLIENT), str(port)], timeout=60,
+                          check=False)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+    finally:
+        stop(fwd)
+
+
+@pytest.mark.parametrize("owner", [0, NOBODY])
+def test_diod_squashes_a_raw_9p_client(pair, owner: int) -> None:
+    """diod (what kernel 9p mounts use) under the same rule, driven by a hostile client."""
+    if shutil.which("diod") is None and not os.path.exists("/usr/sbin/diod"):
+        pytest.skip("needs diod")
+    a, b, export, _ = pair
+    os.chown(export, owner, owner)
+    got = ninep_attack(b, a.metac("fs", "export", f"local:{export}").stdout.strip())
+    assert got == {"create": 0, "chmod_setuid": errno.EPERM, "chmod_setgid": errno.EPERM,
+                   "chown": errno.EPERM, "create_setuid": errno.EPERM,
+                   "mknod_device": errno.EPERM, "mknod_setuid_file": errno.EPERM}, got
+    st = os.stat(export / "plain")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (owner, owner, 0o755)
+    assert sorted(os.listdir(export)) == ["plain"]
+
+
+def test_diod_preserving_owners_does_what_root_does(pair) -> None:
+    if shutil.which("diod") is None and not os.path.exists("/usr/sbin/diod"):
+        pytest.skip("needs diod")
+    a, b, export, _ = pair
+    ref = a.metac("fs", "export", "--preserve-owners", f"local:{export}").stdout.strip()
+    got = ninep_attack(b, ref)
+    assert got["create"] == got["chmod_setuid"] == got["chown"] == 0, got
+    assert os.stat(export / "plain").st_uid == 1234
