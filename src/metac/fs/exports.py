@@ -73,12 +73,35 @@ class Exported(PersistableMixin):
         _MINTED[bytes(_context.results.id.objectInfo)] = weakref.ref(self)
 
 
-class _EntryExport(Exported):
-    """A File or BlockDevice: one name in a directory."""
+def describe_owner(desc: Description, who: squash.Identity | None) -> Description:
+    """``desc`` with whom the object acts as (see ``squash``)."""
+    if who is None:
+        desc.data["preserveOwners"] = True
+    else:
+        desc.data["owner"] = who.to_json()
+    return desc
 
-    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
+
+def described_owner(data: dict[str, Any], directory: Directory) -> squash.Identity | None:
+    if data.get("preserveOwners"):
+        return None
+    if "owner" in data:
+        return squash.Identity.from_json(data["owner"])
+    # described before owners were squashed: its directory's owner, from now on
+    return squash.Identity.of_fd(directory.fd)
+
+
+class _EntryExport(Exported):
+    """A File or BlockDevice: one name in a directory, used as ``owner`` (None: as root)."""
+
+    def __init__(self, state: FsState, entry: Entry, read_only: bool = False,
+                 owner: squash.Identity | None = None) -> None:
         super().__init__(state, read_only)
         self.entry = entry
+        self.owner = owner
+
+    def _describe(self) -> Description:
+        return describe_owner(super()._describe(), self.owner)
 
     @property
     def path(self) -> str:
@@ -86,7 +109,8 @@ class _EntryExport(Exported):
 
     def _view(self, cls: type[_EntryExport], read_only: bool) -> Any:
         """The same entry as a ``cls`` (with a handle of its own)."""
-        return cls(self._state, Entry(self.entry.parent.dup(), self.entry.name), read_only)
+        return cls(self._state, Entry(self.entry.parent.dup(), self.entry.name), read_only,
+                   self.owner)
 
 
 def logged(serve: Any, what: str) -> Any:
@@ -151,13 +175,7 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         return FilesystemServer(self._state, directory, read_only, owner)
 
     def _describe(self) -> Description:
-        desc = super()._describe()
-        who = self.acting_as()
-        if who is None:
-            desc.data["preserveOwners"] = True
-        else:
-            desc.data["owner"] = who.to_json()
-        return desc
+        return describe_owner(super()._describe(), self.acting_as())
 
     async def getSubtree(self, name: str, _context: Any, **kwargs: Any) -> None:
         sub = self.directory.subdir(parse_name(name))
@@ -165,7 +183,9 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
 
     async def getFile(self, name: str, _context: Any, **kwargs: Any) -> None:
         entry = Entry.resolve(self.directory, name)
-        _context.results.file = FileServer(self._state, entry, self.read_only)
+        owner = (squash.Identity.of_fd(entry.parent.fd) if self.owner == OWN_DIRECTORY
+                 else self.owner)
+        _context.results.file = FileServer(self._state, entry, self.read_only, owner)
 
     def stream_9p(self) -> HandoffStreamServer:
         require_program("diod", "diod")
@@ -203,9 +223,11 @@ class FileServer(_EntryExport, fs_schema.File.Server):
     CATEGORY = "file"
 
     async def openAsStream(self, _context: Any, **kwargs: Any) -> None:
-        os.close(self.entry.open_regular(os.O_RDONLY))  # fail now, not after tcpListen
+        # fail now, not after tcpListen
+        os.close(self.entry.open_regular(os.O_RDONLY, owner=self.owner))
         _context.results.stream = protocol_stream(
-            self._state, self, "read", functools.partial(servers.send_file, self.entry))
+            self._state, self, "read",
+            functools.partial(servers.send_file, self.entry, self.owner))
 
     async def openForWrite(self, append: bool, _context: Any, **kwargs: Any) -> None:
         if self.read_only:
@@ -215,7 +237,8 @@ class FileServer(_EntryExport, fs_schema.File.Server):
             raise errors.PermissionDenied(f"{self.entry.name}: is a symlink (not followed)")
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise errors.FailedPrecondition(f"{self.entry.name}: not a regular file")
-        serve = functools.partial(servers.receive_file, self.entry, bool(append))
+        self.entry.check_access(self.owner, st, write=True)
+        serve = functools.partial(servers.receive_file, self.entry, bool(append), self.owner)
         _context.results.stream = HandoffStreamServer(self._state.streams,
                                                       logged(serve, "write"), name="write")
 
@@ -269,14 +292,8 @@ class BlockDeviceServer(_EntryExport, fs_schema.BlockDevice.Server):
 
 def restore_filesystem(state: FsState, data: dict[str, Any]) -> FilesystemServer:
     directory = Directory.open_absolute(str(data["path"]))
-    owner: squash.Identity | None
-    if data.get("preserveOwners"):
-        owner = None
-    elif "owner" in data:
-        owner = squash.Identity.from_json(data["owner"])
-    else:  # described before owners were squashed: its directory's owner, from now on
-        owner = squash.Identity.of_fd(directory.fd)
-    return FilesystemServer(state, directory, bool(data.get("readOnly")), owner)
+    return FilesystemServer(state, directory, bool(data.get("readOnly")),
+                            described_owner(data, directory))
 
 
 def _entry_at(path: str) -> Entry:
@@ -287,11 +304,15 @@ def _entry_at(path: str) -> Entry:
 
 
 def restore_file(state: FsState, data: dict[str, Any]) -> FileServer:
-    return FileServer(state, _entry_at(str(data["path"])), bool(data.get("readOnly")))
+    entry = _entry_at(str(data["path"]))
+    return FileServer(state, entry, bool(data.get("readOnly")),
+                      described_owner(data, entry.parent))
 
 
 def restore_block(state: FsState, data: dict[str, Any]) -> BlockDeviceServer:
-    return BlockDeviceServer(state, _entry_at(str(data["path"])), bool(data.get("readOnly")))
+    entry = _entry_at(str(data["path"]))
+    return BlockDeviceServer(state, entry, bool(data.get("readOnly")),
+                             described_owner(data, entry.parent))
 
 
 async def restore_stream(state: FsState, data: dict[str, Any], caps: list[Any]) -> Any:

@@ -182,9 +182,9 @@ async def _finish(sock: socket.socket, timeout: float = 30.0) -> None:
                 pass
 
 
-async def send_file(entry: Entry, endpoint: Endpoint) -> None:
+async def send_file(entry: Entry, owner: squash.Identity | None, endpoint: Endpoint) -> None:
     """The file's bytes, then EOF (sendfile: no copy through this process)."""
-    fd = entry.open_regular(os.O_RDONLY)
+    fd = entry.open_regular(os.O_RDONLY, owner=owner)
     sock = _socket_of(endpoint)
     try:
         with open(fd, "rb", closefd=True) as f:
@@ -196,10 +196,11 @@ async def send_file(entry: Entry, endpoint: Endpoint) -> None:
         sock.close()
 
 
-async def receive_file(entry: Entry, append: bool, endpoint: Endpoint) -> None:
+async def receive_file(entry: Entry, append: bool, owner: squash.Identity | None,
+                       endpoint: Endpoint) -> None:
     """Write what arrives until EOF to the file, fsync, then close (see File.openForWrite)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = entry.open_regular(flags)
+    fd = entry.open_regular(flags, owner=owner)
     sock = _socket_of(endpoint)
     loop = asyncio.get_running_loop()
     buf = bytearray(RECV_CHUNK)
