@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import socket
 import stat
 import threading
@@ -260,3 +261,23 @@ def test_symlink_swapped_in_during_rpc_walks(tmp_path: Path, tree: Path) -> None
         stop.set()
         thread.join()
     assert seen["inside"], seen
+
+
+def test_squashing_fails_at_once_where_there_is_no_filter(tmp_path: Path, tree: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine without a seccomp filter table the stream call itself fails (one line
+    naming the ways around), not the connection after tcpListen."""
+    monkeypatch.setattr(platform, "machine", lambda: "mips")
+
+    async def main() -> None:
+        cap, _ = make_fs(tmp_path, tree, owner=USER)
+        for call in (cap.sftpStream(), cap.v9fsStream()):
+            try:
+                async with rpc_errors():
+                    await call
+            except errors.Unsupported as exc:
+                assert "--preserve-owners" in str(exc)
+            else:
+                raise AssertionError("a squashed stream was served without its filter")
+
+    run(main())

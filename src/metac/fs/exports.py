@@ -167,6 +167,14 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         assert self.owner is None or isinstance(self.owner, squash.Identity)
         return self.owner
 
+    def _serving_as(self) -> squash.Identity | None:
+        """``acting_as``, failing now (not after tcpListen) if this host cannot squash."""
+        who = self.acting_as()
+        if who is not None:
+            require_program("setpriv", "util-linux")
+            squash.seccomp_program()  # Unsupported on a machine without a filter
+        return who
+
     def _derived(self, directory: Directory, read_only: bool) -> FilesystemServer:
         """A view of ``directory`` (this one or below it) with this one's owner rule:
         a fixed identity is inherited; the admin's root gives each subtree its owner."""
@@ -192,7 +200,7 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         require_program("bwrap", "bubblewrap")
         serve = functools.partial(servers.serve_9p, self._state.supervisor,
                                   self._state.identity_dir, self.directory, self.read_only,
-                                  self.acting_as())
+                                  self._serving_as())
         return protocol_stream(self._state, self, "9p", serve)
 
     def stream_sftp(self) -> HandoffStreamServer:
@@ -201,7 +209,7 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         require_program("bwrap", "bubblewrap")
         serve = functools.partial(servers.serve_sftp, self._state.supervisor,
                                   self._state.identity_dir, self.directory, self.read_only,
-                                  self.acting_as())
+                                  self._serving_as())
         return protocol_stream(self._state, self, "sftp", serve)
 
     async def v9fsStream(self, _context: Any, **kwargs: Any) -> None:
