@@ -20,7 +20,9 @@ ipc and uts namespaces are private (the data connection is an fd the server
 inherits, so it needs no network). Capabilities are dropped except those the
 program needs to serve files of several owners as root; never
 ``CAP_DAC_READ_SEARCH`` (``open_by_handle_at`` escapes bind mounts),
-``CAP_SYS_ADMIN`` or ``CAP_MKNOD``.
+``CAP_SYS_ADMIN`` or ``CAP_MKNOD``. A squashed server (the default, see
+``squash``) gets only what ``setpriv`` needs to become the export's owner, and a
+seccomp filter (``--seccomp FD``).
 """
 
 from __future__ import annotations
