@@ -103,7 +103,7 @@ def seccomp_program(machine: str | None = None) -> bytes:
     machine = machine or platform.machine()
     if machine not in _TABLES:
         raise errors.Unsupported(f"squashing owners is not implemented on {machine}; "
-                                 "export read-only or with --preserve-owners")
+                                 "export with --preserve-owners (root-equivalent)")
     arch, rules, openat2 = _TABLES[machine]
     eperm = _RET_ERRNO | errno.EPERM
     prog = [_insn(_LD_W_ABS, 0, 0, _OFF_ARCH),
