@@ -297,7 +297,8 @@ async def main(export, path, keep):
     async with api.connect_admin() as admin:
         svc = await api.service_admin(admin, "fs", fs.FilesystemServiceAdmin)
         ns = svc.rootNamespace().ns
-        sub = ns.filesystem().fs.getSubtree(export.lstrip("/")).fs
+        # the admin's own directory, as root: bind-mounted (a squashed one is served)
+        sub = ns.filesystemPreservingOwners().fs.getSubtree(export.lstrip("/")).fs
         if keep:
             opts = fs.MountOptions.new_message()
             opts.keep = True

@@ -141,10 +141,12 @@ class Resolver:
         fs_admin = await get_service_admin(await self.admin(), "fs",
                                            schema.fs.FilesystemServiceAdmin)
         async with rpc_errors():
-            ns = fs_admin.rootNamespace().ns
+            # The admin's own directory: bind-mounted as it is (root in the container is
+            # root on it anyway), not squashed like an exported one.
+            root = fs_admin.rootNamespace().ns.filesystemPreservingOwners()
             if not loc.parts:
-                return (await ns.filesystem()).fs
-            return (await ns.filesystem().fs.getSubtree("/".join(loc.parts))).fs
+                return (await root).fs
+            return (await root.fs.getSubtree("/".join(loc.parts))).fs
 
     async def network(self, loc: Locator) -> Any:
         if isinstance(loc, RefLocator):

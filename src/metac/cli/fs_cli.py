@@ -1,8 +1,10 @@
 """`metac fs|file|block ...`: share directories, files and disk images; mount and attach them.
 
 Resources are ``local:/PATH`` (on this node; needs root; symlinks in the path
-you type are resolved here, by you, before the node's confined walk starts) or
-``ref://…`` sturdy refs (of any node).
+you type are resolved here, by you, before the node's confined walk starts; the
+export commands refuse a last component that is a symlink unless ``--follow``,
+since whoever can write its directory may have planted it) or ``ref://…``
+sturdy refs (of any node).
 """
 
 from __future__ import annotations
@@ -38,19 +40,32 @@ def _persistent(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--persistent", action="store_true", help=f"{what} survives node restarts")
 
 
-def _add_export(s: Any, what: str, read_only: str, resource: str, func: Any) -> None:
+def _follow(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow", action="store_true",
+                   help="export what a local:/PATH whose last component is a symlink points "
+                        "to (refused otherwise)")
+
+
+def _add_export(s: Any, what: str, read_only: str | None, resource: str,
+                func: Any) -> argparse.ArgumentParser:
     ex = s.add_parser("export", help=f"print a sturdy ref to {what}")
     _persistent(ex, "the ref")
     ex.add_argument("--read-only", action="store_true", help=read_only)
+    _follow(ex)
     ex.add_argument("resource", help=f"{resource} or a ref to re-export")
     ex.set_defaults(func=func)
+    return ex
 
 
 def _register_fs(sub: Any) -> None:
     p = sub.add_parser("fs", help="share directories; mount them (9p or sshfs)")
     s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
-    _add_export(s, "a directory", "a read-only view", "local:/PATH", fs_export)
+    ex = _add_export(s, "a directory", "a read-only view", "local:/PATH", fs_export)
+    ex.add_argument("--preserve-owners", action="store_true",
+                    help="serve as root, keeping owners, setuid bits and device nodes: the "
+                         "holder is root-equivalent on the directory (e.g. a container root "
+                         "filesystem); default: act as the directory's owner")
 
     mo = s.add_parser("mount", help="mount a directory (of any node) here; returns once mounted")
     _persistent(mo, "the mount (re-established when this node restarts)")
@@ -77,6 +92,7 @@ def _register_fs(sub: Any) -> None:
     _persistent(st, "the ref")
     st.add_argument("--protocol", choices=("9p", "sftp"), default="9p",
                     help="the protocol the stream speaks (default 9p)")
+    _follow(st)
     st.add_argument("resource", help="local:/PATH or ref://…")
     st.set_defaults(func=fs_stream)
 
@@ -125,6 +141,7 @@ def _register_block(sub: Any) -> None:
     st = s.add_parser("stream", help="print a ref to an NBD stream of the device (for external "
                                      "NBD clients, with `metac stream forward`)")
     _persistent(st, "the ref")
+    _follow(st)
     st.add_argument("resource", help="ref://… or local:/PATH")
     st.set_defaults(func=block_stream)
 
@@ -162,15 +179,26 @@ class Resources:
             addr = (await (await self.admin()).getUnprivilegedNode().node.address()).address
         return addr.ip
 
-    async def resolve(self, text: str, interface: Any) -> tuple[Any, str]:
-        """(capability, our address toward its node) for ``text``."""
+    async def resolve(self, text: str, interface: Any, *, follow: bool = True,
+                      preserve_owners: bool = False) -> tuple[Any, str]:
+        """(capability, our address toward its node) for ``text``.
+
+        ``follow=False`` refuses a ``local:`` path whose last component is a symlink;
+        ``preserve_owners`` takes it from the root that serves as root (see
+        ``FilesystemNamespace.filesystemPreservingOwners``)."""
         loc = Locator.parse(text, allowed=KINDS)
         if isinstance(loc, RefLocator):
+            if preserve_owners:
+                raise errors.InvalidArgument("--preserve-owners needs a local:/PATH (a ref "
+                                             "keeps the owners rule it was exported with)")
             cap = await (await self.pool()).restore(loc.ref, interface)
             return cap, local_address_for(loc.ref.node)
         assert isinstance(loc, LocalPath)
+        if not follow and os.path.islink(loc.path):
+            raise errors.InvalidArgument(f"{loc.path} is a symlink; use --follow")
         real = LocalPath(os.path.realpath(loc.path))
-        root = (await self.fs_admin()).rootNamespace().ns.filesystem().fs
+        ns = (await self.fs_admin()).rootNamespace().ns
+        root = (ns.filesystemPreservingOwners() if preserve_owners else ns.filesystem()).fs
         rel = "/".join(real.parts)
         async with rpc_errors():
             if interface is schema.fs.Filesystem:
@@ -190,7 +218,9 @@ async def _print_ref(args: argparse.Namespace, interface: Any,
                      derive: Callable[[Any], Any] = lambda cap: cap) -> int:
     """Print a sturdy ref to ``derive(capability of args.resource)``."""
     async with contextlib.AsyncExitStack() as stack:
-        cap, _ = await Resources(stack).resolve(args.resource, interface)
+        cap, _ = await Resources(stack).resolve(
+            args.resource, interface, follow=args.follow,
+            preserve_owners=getattr(args, "preserve_owners", False))
         async with rpc_errors():
             res = await derive(cap).cast_as(schema.core.Persistable).createSturdyRef(
                 persistent=args.persistent)
@@ -252,7 +282,9 @@ async def fs_mount(args: argparse.Namespace) -> int:
         raise errors.InvalidArgument(f"{args.path}: not a directory")
     async with contextlib.AsyncExitStack() as stack:
         res = Resources(stack)
-        fs, _ = await res.resolve(args.resource, schema.fs.Filesystem)
+        # A local: directory is the admin's own: bind-mounted as root, as `mount --bind`.
+        fs, _ = await res.resolve(args.resource, schema.fs.Filesystem,
+                                  preserve_owners=args.resource.startswith("local:"))
         ns = (await res.fs_admin()).rootNamespace().ns
         options = schema.fs.MountOptions.new_message()
         options.method = "" if args.method == "auto" else args.method

@@ -173,7 +173,8 @@ class MountHolder(_ActionHolder):
         data: dict[str, Any] = {"id": s.id, "path": s.path, "method": s.wanted,
                                 "readOnly": s.read_only, "source": s.source}
         if s.local is not None:
-            data["local"] = {"path": s.local.directory.path, "readOnly": s.local.read_only}
+            data["local"] = {"path": s.local.directory.path, "readOnly": s.local.read_only,
+                             "preserveOwners": True}  # only those are bind-mounted
         return data
 
     def fill(self, info: Any) -> None:
@@ -219,6 +220,10 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
     async def filesystem(self, _context: Any, **kwargs: Any) -> None:
         _context.results.fs = exports.FilesystemServer(self._state, Directory.open_root())
 
+    async def filesystemPreservingOwners(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.fs = exports.FilesystemServer(self._state, Directory.open_root(),
+                                                       owner=None)
+
     async def mount(self, path: str, fs: Any, _context: Any, **kwargs: Any) -> None:
         _context.results.holder = await self._mount(path, fs, "", False, False)
 
@@ -236,6 +241,14 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         mount.choose_method(method, local=True)  # reject unknown names before any work
         local, cap, ref = await _adopt(state.ctx, fs, fs_schema.Filesystem)
         if not isinstance(local, exports.FilesystemServer):
+            local = None
+        elif not local.preserve_owners:
+            # A bind mount would let whoever uses the mount (a container's root) act as
+            # root on the directory: a squashed one of ours is served like a remote one.
+            if method == "bind":
+                raise errors.PermissionDenied(
+                    "a bind mount is root on the directory; only a filesystem exported "
+                    "with --preserve-owners (or a local: path) can be bind-mounted")
             local = None
         session = MountSession(state, mount_id=state.new_id(), path=path, method=method,
                                read_only=read_only, fs_cap=cap, local=local,
