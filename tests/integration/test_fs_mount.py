@@ -147,7 +147,8 @@ def test_symlinks_are_data_through_the_mount(pair, tmp_path: Path) -> None:
     }
     for name, text in links.items():
         os.symlink(text, os.fsencode(root) + b"/" + name)
-    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    # Owners are kept so that the lchown below can give the link to another user.
+    ref = a.metac("fs", "export", "--preserve-owners", f"local:{export}").stdout.strip()
     b.metac("fs", "mount", ref, str(mnt))
     try:
         seen = os.fsencode(mnt / "root")
