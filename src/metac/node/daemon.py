@@ -45,22 +45,11 @@ class NodeConfig:
     state_dir: str
     runtime_dir: str
     services: dict[str, str]
-
-
-def default_address() -> str:
-    """The first global address of this host (IPv6 preferred), else ::1."""
-    try:
-        from pyroute2 import IPRoute
-    except ImportError:
-        return "::1"
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            if ip.is_global or (ip.is_private and not ip.is_loopback and not ip.is_link_local):
-                found.append(ip)
-    found.sort(key=lambda ip: (ip.version != 6, not ip.is_global))
-    return str(found[0]) if found else "::1"
+    #: Why this address (the ready line says it): "given with --address", or the
+    #: rule of metac.node.address.choose_address that picked it.
+    address_reason: str = "given with --address"
+    #: Said as a warning at start-up and in the ready line (the loopback fallback).
+    address_warning: str | None = None
 
 
 class ServiceRunner:
@@ -135,6 +124,8 @@ async def run_node(config: NodeConfig) -> int:
     except ValueError:
         raise errors.InvalidArgument(f"--address must be an IP address, not {config.address!r}") from None
 
+    if config.address_warning:
+        log.warning("WARNING: %s", config.address_warning)
     supervisor = Supervisor(config.state_dir, "node")
     await supervisor.reap_orphans()
     registry = Registry(list(config.services))
@@ -168,8 +159,11 @@ async def run_node(config: NodeConfig) -> int:
             for runner in runners:
                 tg.create_task(runner.run(), name=f"service {runner.name}")
             await registry.wait_all()
-            log.info("metac node ready on %s (admin socket %s; services: %s)",
-                     shown, socket_path, ", ".join(config.services))
+            log.info("metac node ready on %s (address %s: %s; admin socket %s; services: %s)",
+                     shown, config.address, config.address_reason, socket_path,
+                     ", ".join(config.services))
+            if config.address_warning:
+                log.warning("WARNING: %s", config.address_warning)
             sd_notify("READY=1")
             try:
                 await asyncio.Event().wait()
