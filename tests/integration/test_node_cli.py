@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -52,3 +57,60 @@ def test_default_address_is_the_default_route_interface_and_loopback_is_loud(
         log = node.log_text()
         assert "WARNING: serving on ::1 (no default route and no address but loopback): no " \
                "other machine can reach this node or use its refs; give --address" in log, log
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], category: str,
+                          code: int) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"metac: {category}: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_node_logs_shows_and_follows_the_service_logs(
+        nodes_factory: Callable[..., list[NodeHost]]) -> None:
+    (node,) = nodes_factory(1)
+    logs = node.state_dir / "logs"
+    assert (node.runtime_dir / "logs").resolve() == logs.resolve()
+    everything = node.metac("node", "logs").stdout
+    for service in ("persistence", "stream", "fs", "net", "compute"):
+        assert f"==> {logs / f'node.service-{service}.log'} <==" in everything
+
+    own = logs / "node.service-stream.log"
+    with open(logs / "node.service-stream.log.1", "w") as f:
+        f.write("an older line\n")
+    with open(own, "a") as f:
+        f.write("the newest line\n")
+    out = node.metac("node", "logs", "stream", "-n", "1").stdout
+    assert out.endswith("the newest line\n"), out
+    out = node.metac("node", "logs", "stream").stdout
+    assert out.index("an older line") < out.index("the newest line")
+
+    follower = node.popen("node", "logs", "stream", "-f")
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while text not in "".join(seen):
+            assert time.monotonic() < deadline and follower.poll() is None, (text, seen)
+            time.sleep(0.2)
+
+    wait_for("the newest line\n")
+    with open(own, "a") as f:
+        f.write("appended while following\n")
+    wait_for("appended while following\n")
+    os.replace(own, logs / "node.service-stream.log.1")
+    with open(own, "a") as f:
+        f.write("after the rotation\n")
+    wait_for("after the rotation\n")
+    follower.send_signal(signal.SIGTERM)
+    assert follower.wait(timeout=30) == 0, follower.stderr.read()
+    reader.join(timeout=10)
+
+    err = assert_one_line_error(node.metac("node", "logs", "nosuch", check=False), "NotFound", 3)
+    assert "nosuch" in err and "persistence" in err
+    assert_one_line_error(node.metac("node", "logs", "--state-dir", str(node.root / "none"),
+                                     check=False), "NotFound", 3)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
 from typing import Any
 
+from metac import errors
 from metac.api import connect_admin
 from metac.cli.output import as_json, local_path, table
 
@@ -35,6 +42,24 @@ def register(sub: Any) -> None:
     s = nsub.add_parser("status", help="address and services of the local node")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=status)
+
+    lg = nsub.add_parser(
+        "logs", help="show the services' logs (<state-dir>/logs)",
+        description="Show the logs the node's services (and the programs they run, such as "
+                    "diod or nbdkit) write to <state-dir>/logs, oldest first: a rotated log "
+                    "(service.log.2, service.log.1) before the current one. The node's own "
+                    "log is its standard error (the journal under systemd).")
+    lg.add_argument("service", nargs="?", default=None,
+                    help="only this service's log and the logs of the programs it runs "
+                         "(default: every log)")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="keep printing what is appended, across rotations, until Ctrl-C")
+    lg.add_argument("-n", "--lines", type=int, default=None, metavar="N",
+                    help="only the last N lines of each log (default: all of it)")
+    lg.add_argument("--state-dir", default=None, type=local_path,
+                    help="the node's state dir (default: the one of the node of --runtime-dir, "
+                         "else $METAC_STATE_DIR or /var/lib/metac)")
+    lg.set_defaults(func=logs)
 
 
 def run_node(args: argparse.Namespace) -> int:
@@ -86,3 +111,112 @@ async def status(args: argparse.Namespace) -> int:
     print(f"node {shown}")
     table(rows, ["name", "state", "pid", "restarts"])
     return 0
+
+
+# --------------------------------------------------------------------------- node logs
+
+#: ``node.service-fs.log``, ``fs.diod-3.log.1``: the log a name belongs to, and its rotation.
+_LOG_RE = re.compile(r"(?P<base>.+\.log)(?:\.(?P<rotation>\d+))?")
+FOLLOW_INTERVAL = 0.5
+
+
+def log_dir(state_dir: str | None) -> str:
+    from metac.core import paths
+
+    if state_dir:
+        return os.path.join(state_dir, "logs")
+    link = os.path.join(paths.runtime_dir(), "logs")  # the running node's (node/daemon.py)
+    if os.path.isdir(link):
+        return os.path.realpath(link)
+    return os.path.join(paths.state_dir(), "logs")
+
+
+def log_groups(names: list[str], service: str | None) -> dict[str, list[str]]:
+    """Log base name -> its files, oldest first (``x.log.2``, ``x.log.1``, ``x.log``); the
+    services' own logs first. ``service`` keeps its log and its programs' logs."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        m = _LOG_RE.fullmatch(name)
+        if m is None:
+            continue
+        base = m["base"]
+        if service is not None and base != f"node.service-{service}.log" \
+                and not base.startswith(f"{service}."):
+            continue
+        groups.setdefault(base, []).append((int(m["rotation"] or 0), name))
+    order = sorted(groups, key=lambda b: (not b.startswith("node.service-"), b))
+    return {b: [n for _, n in sorted(groups[b], reverse=True)] for b in order}
+
+
+def _services_with_logs(names: list[str]) -> list[str]:
+    found = {m["base"][len("node.service-"):-len(".log")] for n in names
+             if (m := _LOG_RE.fullmatch(n)) and m["base"].startswith("node.service-")}
+    return sorted(found)
+
+
+def logs(args: argparse.Namespace) -> int:
+    directory = log_dir(args.state_dir)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        raise errors.NotFound(f"no log directory {directory} (give the node's --state-dir)") \
+            from None
+    groups = log_groups(names, args.service)
+    if args.service is not None and not groups:
+        known = ", ".join(_services_with_logs(names)) or "none"
+        raise errors.NotFound(f"no log of service {args.service!r} in {directory} "
+                              f"(services with logs: {known})")
+    if args.lines is not None and args.lines < 0:
+        raise errors.InvalidArgument("--lines wants a number >= 0")
+    out = sys.stdout.buffer
+    headers = len(groups) > 1
+    for base, files in groups.items():
+        data = b"".join(_read(os.path.join(directory, f)) for f in files)
+        if args.lines is not None:
+            data = b"".join(data.splitlines(keepends=True)[-args.lines:]) if args.lines else b""
+        if headers:
+            out.write(f"==> {os.path.join(directory, base)} <==\n".encode())
+        out.write(data)
+    out.flush()
+    if args.follow:
+        _follow(directory, args.service, out, last=next(reversed(groups), None))
+    return 0
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:  # rotated away meanwhile
+        return b""
+
+
+def _follow(directory: str, service: str | None, out: Any, last: str | None) -> None:
+    """Print what is appended to each current log until Ctrl-C or SIGTERM (the normal end)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    seen: dict[str, tuple[int, int]] = {}  # base -> (inode, offset)
+    for base in log_groups(os.listdir(directory), service):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(os.path.join(directory, base))
+            seen[base] = (st.st_ino, st.st_size)
+    try:
+        while True:
+            time.sleep(FOLLOW_INTERVAL)
+            for base in log_groups(os.listdir(directory), service):
+                path = os.path.join(directory, base)
+                with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    inode, offset = seen.get(base, (st.st_ino, 0))
+                    if inode != st.st_ino or st.st_size < offset:  # rotated: a new file
+                        offset = 0
+                    f.seek(offset)
+                    data = f.read()
+                    seen[base] = (st.st_ino, offset + len(data))
+                    if data:
+                        if last != base:
+                            out.write(f"==> {path} <==\n".encode())
+                            last = base
+                        out.write(data)
+                        out.flush()
+    except KeyboardInterrupt:
+        return

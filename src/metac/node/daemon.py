@@ -52,6 +52,17 @@ class NodeConfig:
     address_warning: str | None = None
 
 
+def link_logs(log_dir: str, runtime_dir: str) -> None:
+    """``<runtime-dir>/logs`` -> the log dir, so that `metac node logs` finds the logs
+    from the runtime dir alone (the one thing a CLI knows about its node)."""
+    link = os.path.join(runtime_dir, "logs")
+    tmp = f"{link}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(os.path.abspath(log_dir), tmp)
+    os.replace(tmp, link)
+
+
 class ServiceRunner:
     """Owns one service process: starts it, restarts it with backoff when it dies."""
 
@@ -127,6 +138,7 @@ async def run_node(config: NodeConfig) -> int:
     if config.address_warning:
         log.warning("WARNING: %s", config.address_warning)
     supervisor = Supervisor(config.state_dir, "node")
+    link_logs(supervisor.log_dir, config.runtime_dir)
     await supervisor.reap_orphans()
     registry = Registry(list(config.services))
     instance = secrets.token_hex(8)
