@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from metac.testing.netns import Topology, ip
-from metac.testing.nodes import NodeHost
+from metac.testing.nodes import NodeHost, metac_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -114,3 +114,45 @@ def test_node_logs_shows_and_follows_the_service_logs(
     assert "nosuch" in err and "persistence" in err
     assert_one_line_error(node.metac("node", "logs", "--state-dir", str(node.root / "none"),
                                      check=False), "NotFound", 3)
+
+
+NOBODY = 65534
+SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+class NonRootNode(NodeHost):
+    """A node run as user nobody (on a port above 1024, in directories nobody owns)."""
+
+    def node_argv(self, extra_services: object = None) -> list[str]:
+        argv = super().node_argv()
+        i = argv.index("--") + 1
+        return argv[:i] + SETPRIV + argv[i:]
+
+
+def test_node_run_without_root(topology_factory: Callable[[int], Topology]) -> None:
+    host = topology_factory(1).hosts[0]
+    with NonRootNode(host, port=19001) as node:
+        # The defaults need root: one line that names each thing, exit 5.
+        proc = host.run([*SETPRIV, *metac_argv(), "node", "run"], check=False, env=node.cli_env({"METAC_RUNTIME_DIR": "/run/metac",
+                                                       "METAC_STATE_DIR": "/var/lib/metac"}))
+        err = assert_one_line_error(proc, "PermissionDenied", 5)
+        assert "port 901 needs root" in err and "/var/lib/metac is not writable" in err, err
+        assert "/run/metac is not writable" in err, err
+
+        for d in (node.root, node.state_dir, node.runtime_dir):
+            os.chown(d, NOBODY, NOBODY)
+        node.start()
+        assert "WARNING: not running as root: services net, fs, compute do not run" \
+            in node.log_text()
+        status = json.loads(node.metac("node", "status", "--json").stdout)
+        states = {s["name"]: s["state"] for s in status["services"]}
+        assert states["persistence"] == states["stream"] == "registered", states
+        for service in ("net", "fs", "compute"):
+            assert states[service].startswith("unavailable: needs root for "), states
+        table = node.metac("node", "status").stdout
+        assert "unavailable: needs root for containers" in table
+
+        err = assert_one_line_error(node.metac("fs", "ls", check=False), "Unavailable", 7)
+        assert "service 'fs' does not run on this node: needs root for mounts" in err
+        ref = node.metac("stream", "export", "tcp:127.0.0.1:22").stdout.strip()
+        assert ref.startswith(f"ref://{host.ipv4}:19001/stream/"), ref

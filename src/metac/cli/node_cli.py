@@ -63,11 +63,10 @@ def register(sub: Any) -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from metac import errors
     from metac.core import paths
     from metac.core.process import run_daemon
     from metac.node.address import default_address
-    from metac.node.daemon import BUILTIN_SERVICES, NodeConfig, run_node
+    from metac.node.daemon import BUILTIN_SERVICES, NEEDS_ROOT, NodeConfig, run_node
 
     services = dict(BUILTIN_SERVICES)
     for spec in args.extra_service:
@@ -75,6 +74,15 @@ def run_node(args: argparse.Namespace) -> int:
         if not eq or not name or not module:
             raise errors.InvalidArgument(f"--extra-service wants NAME=MODULE, not {spec!r}")
         services[name] = module
+    state_dir = paths.state_dir(args.state_dir)
+    runtime_dir = args.node_runtime_dir or paths.runtime_dir(args.runtime_dir)
+    unavailable: dict[str, str] = {}
+    if os.geteuid() != 0:
+        check_without_root(args.port, {"state dir": state_dir, "runtime dir": runtime_dir})
+        for name, what in NEEDS_ROOT.items():
+            if services.get(name) == BUILTIN_SERVICES[name]:
+                del services[name]
+                unavailable[name] = f"needs root for {what}"
     reason, warning = "given with --address", None
     if args.address:
         address = args.address
@@ -89,11 +97,48 @@ def run_node(args: argparse.Namespace) -> int:
         address_reason=reason,
         address_warning=warning,
         port=args.port,
-        state_dir=paths.state_dir(args.state_dir),
-        runtime_dir=args.node_runtime_dir or paths.runtime_dir(args.runtime_dir),
+        state_dir=state_dir,
+        runtime_dir=runtime_dir,
         services=services,
+        unavailable=unavailable,
     )
     return run_daemon("metac-node", lambda: run_node(config))
+
+
+#: CAP_NET_BIND_SERVICE: binding ports below 1024.
+_CAP_NET_BIND_SERVICE = 10
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_without_root(port: int, dirs: dict[str, str]) -> None:
+    """What a node not running as root cannot do, in one PermissionDenied line: a port
+    below 1024, a state or runtime dir it cannot create or write."""
+    problems: list[str] = []
+    if port < 1024 and not _effective_caps() >> _CAP_NET_BIND_SERVICE & 1:
+        problems.append(f"port {port} needs root (ports below 1024; give --port 1024 or above)")
+    for what, path in dirs.items():
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            writable = os.access(path, os.W_OK | os.X_OK)
+        except PermissionError:
+            writable = False
+        if not writable:
+            flag = what.split()[0]
+            problems.append(f"the {what} {path} is not writable (give --{flag}-dir DIR)")
+    if problems:
+        raise errors.PermissionDenied(
+            f"metac node run as uid {os.geteuid()}, not root: " + "; ".join(problems)
+            + "; or run it as root")
 
 
 async def status(args: argparse.Namespace) -> int:

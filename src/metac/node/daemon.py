@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from metac import errors
@@ -33,6 +33,14 @@ BUILTIN_SERVICES: dict[str, str] = {
     "compute": "metac.compute",
 }
 
+#: Built-in services that cannot work without root, and what for. A node that does not
+#: run as root leaves them out; `metac node status` lists them as unavailable.
+NEEDS_ROOT: dict[str, str] = {
+    "net": "network devices (VXLAN, bridges, veth)",
+    "fs": "mounts, loop and NBD devices, and the sandboxed file servers",
+    "compute": "containers (namespaces, cgroups, mounts)",
+}
+
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 30.0  # a service that ran this long restarts with the first backoff again
@@ -50,6 +58,8 @@ class NodeConfig:
     address_reason: str = "given with --address"
     #: Said as a warning at start-up and in the ready line (the loopback fallback).
     address_warning: str | None = None
+    #: Services left out and why (a node not running as root): status says so.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 def link_logs(log_dir: str, runtime_dir: str) -> None:
@@ -140,7 +150,7 @@ async def run_node(config: NodeConfig) -> int:
     supervisor = Supervisor(config.state_dir, "node")
     link_logs(supervisor.log_dir, config.runtime_dir)
     await supervisor.reap_orphans()
-    registry = Registry(list(config.services))
+    registry = Registry(list(config.services), config.unavailable)
     instance = secrets.token_hex(8)
     runners = [
         ServiceRunner(name, module, supervisor, registry, ServiceEnv(
@@ -152,7 +162,9 @@ async def run_node(config: NodeConfig) -> int:
     public = NodeServer(registry, address)
 
     def status() -> list[dict[str, Any]]:
-        return [r.status() for r in runners]
+        return [r.status() for r in runners] + [
+            {"name": name, "state": f"unavailable: {why}", "pid": 0, "restarts": 0}
+            for name, why in config.unavailable.items()]
 
     socket_path = admin_socket(config.runtime_dir)
     unix_server = await serve_unix(
@@ -176,6 +188,9 @@ async def run_node(config: NodeConfig) -> int:
                      ", ".join(config.services))
             if config.address_warning:
                 log.warning("WARNING: %s", config.address_warning)
+            if config.unavailable:
+                log.warning("WARNING: not running as root: services %s do not run "
+                            "(metac node status says why)", ", ".join(config.unavailable))
             sd_notify("READY=1")
             try:
                 await asyncio.Event().wait()
