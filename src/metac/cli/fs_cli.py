@@ -247,9 +247,7 @@ fs_export = _exporter(schema.fs.Filesystem, "fs")
 
 
 async def fs_mount(args: argparse.Namespace) -> int:
-    path = os.path.realpath(args.path)
-    if not os.path.isdir(path):
-        raise errors.InvalidArgument(f"{args.path}: not a directory")
+    path = checked_mount_point(args.path)
     async with contextlib.AsyncExitStack() as stack:
         res = Resources(stack)
         fs, _ = await res.resolve(args.resource, schema.fs.Filesystem)
@@ -272,7 +270,20 @@ async def fs_umount(args: argparse.Namespace) -> int:
     wanted = {os.path.normpath(os.path.abspath(args.path)), os.path.realpath(args.path)}
     if await _release("mounts", lambda m: m.path in wanted, lambda m: f"unmounted {m.path}"):
         return 0
-    raise errors.NotFound(f"{args.path}: not a mount made by `metac fs mount`")
+    if not os.path.lexists(args.path):
+        raise errors.NotFound(f"{os.path.abspath(args.path)}: no such directory")
+    raise errors.NotFound(f"{os.path.abspath(args.path)}: not a mount made by `metac fs mount`")
+
+
+def checked_mount_point(path: str) -> str:
+    """The real path of an existing directory to mount on: NotFound with the whole path if
+    it does not exist, InvalidArgument if it is something else."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        raise errors.NotFound(f"{os.path.abspath(path)}: no such directory")
+    if not os.path.isdir(real):
+        raise errors.InvalidArgument(f"{os.path.abspath(path)}: not a directory")
+    return real
 
 
 async def fs_ls(args: argparse.Namespace) -> int:
@@ -377,7 +388,7 @@ async def block_stream(args: argparse.Namespace) -> int:
 
 
 async def block_attach(args: argparse.Namespace) -> int:
-    mount_path = os.path.realpath(args.mount) if args.mount else ""
+    mount_path = checked_mount_point(args.mount) if args.mount else ""
     async with contextlib.AsyncExitStack() as stack:
         res = Resources(stack)
         dev, _ = await res.resolve(args.resource, schema.fs.BlockDevice)
