@@ -356,6 +356,8 @@ def test_interrupt_is_forwarded_once_then_detaches(nodes_factory, busybox_root) 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 9
     assert proc.stdout.read() == "got-int\n"
+    assert proc.stderr.read() == ("metac: sent SIGINT to the process; Ctrl-C again destroys "
+                                  "the environment\n")
     # A process that ignores SIGINT: the second Ctrl-C gives up and tears down.
     script = 'trap "" INT; echo ready; exec sleep 300'
     proc = a.popen("run", "--mount", f"/=local:{busybox_root}", "--", "sh", "-c", script)

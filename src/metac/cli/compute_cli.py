@@ -337,6 +337,9 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
         if interrupted > 1 and main is not None:
             main.cancel()
             return
+        again = "Ctrl-C again" if sig == signal.SIGINT else "a second signal"
+        print(f"metac: sent {signal.Signals(sig).name} to the process; {again} destroys "
+              "the environment", file=sys.stderr, flush=True)
         task = loop.create_task(_forward_signal(process, sig), name=f"forward signal {sig}")
         forwarding.add(task)
         task.add_done_callback(forwarding.discard)
