@@ -17,7 +17,8 @@ blocks follow (say them in plain words, for readers):
 * ``stream forward`` runs until it says it is forwarding, then stops with SIGTERM,
   its normal end (exit 0). Every other line must exit 0.
 
-Covered: the README quick start (``quickstart``) and docs/streams.md (``streams``).
+Covered: the README quick start (``quickstart``), docs/streams.md (``streams``) and
+docs/filesystems.md (``filesystems``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def examples() -> dict[str, tuple[Path, str]]:
 
 
 def test_the_examples_are_marked() -> None:
-    assert {"quickstart", "streams"} <= set(examples())
+    assert set(examples()) == {"quickstart", "streams", "filesystems"}
 
 
 def short_id(ref: str) -> str:
@@ -75,6 +76,8 @@ class ExampleRunner:
 
     def __init__(self, nodes: dict[str, NodeHost], tmp: Path,
                  substitutions: dict[str, str] | None = None) -> None:
+        self.cwd = tmp / "cwd"  # where a command's relative paths (> copy.txt) go
+        self.cwd.mkdir()
         self.nodes = nodes
         self.subs = {DOC_A: nodes["A"].address, DOC_B: nodes["B"].address,
                      **(substitutions or {})}
@@ -141,7 +144,7 @@ class ExampleRunner:
             self.run_until_ready(argv, node, line, ready)
             return
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.env(node),
-                              stdin=subprocess.DEVNULL, timeout=120, check=False)
+                              stdin=subprocess.DEVNULL, timeout=120, check=False, cwd=self.cwd)
         assert proc.returncode == 0, (where, line, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr, (line, proc.stderr)
         self.outputs.append((line, proc.stdout))
@@ -150,7 +153,7 @@ class ExampleRunner:
 
     def run_until_ready(self, argv: list[str], node: NodeHost, line: str, ready: str) -> None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env(node), stdin=subprocess.DEVNULL)
+                                env=self.env(node), stdin=subprocess.DEVNULL, cwd=self.cwd)
         try:
             first = proc.stdout.readline() if proc.stdout else ""
             assert first.startswith(ready), (line, first, proc.stderr and proc.stderr.read())
@@ -217,6 +220,33 @@ def test_streams_doc(two_nodes: dict[str, NodeHost], tmp_path: Path) -> None:
     assert [line.split()[0] for line in runner.ran] == ["A$"] * 2 + ["B$"] * 4 + ["A$"] * 2
     # `stream cat` reached the echo server through node A.
     assert [out for line, out in runner.outputs if "stream cat" in line] == ["hello\n"]
+
+
+def test_filesystems_doc(two_nodes: dict[str, NodeHost], tmp_path: Path) -> None:
+    a_dir, b_dir = tmp_path / "on-a", tmp_path / "on-b"
+    (a_dir / "data").mkdir(parents=True)
+    (a_dir / "data" / "inside").write_text("shared\n")
+    image = a_dir / "vm1.img"
+    image.write_bytes(b"")
+    os.truncate(image, 16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    for d in ("mnt-data", "mnt-vm1"):
+        (b_dir / d).mkdir(parents=True)
+    two_nodes["B"].track_mount_root(b_dir)
+    runner = ExampleRunner(two_nodes, tmp_path, {
+        "/srv/data": str(a_dir / "data"), "/srv/report.txt": str(a_dir / "report.txt"),
+        "/var/lib/disks/vm1.img": str(image), "/mnt/data": str(b_dir / "mnt-data"),
+        "/mnt/vm1": str(b_dir / "mnt-vm1")})
+    runner.run(examples()["filesystems"][1])
+    assert len(runner.ran) == 12, runner.ran
+    assert (a_dir / "report.txt").read_text() == "hello\n"
+    assert (runner.cwd / "copy.txt").read_text() == "hello\n"
+    listed = [out for line, out in runner.outputs if line.endswith("fs ls")]
+    assert str(b_dir / "mnt-data") in listed[0], listed
+    # The revoked ref mounts nothing any more.
+    data_ref = runner.printed[0][1]
+    again = two_nodes["B"].metac("fs", "mount", data_ref, str(b_dir / "mnt-data"), check=False)
+    assert again.returncode == 3, again.stderr
 
 
 def test_the_runner_follows_the_rules() -> None:
