@@ -14,11 +14,13 @@ blocks follow (say them in plain words, for readers):
   ``ref://…WORD…`` the ref printed last by a command with WORD in it; ``<id>`` the
   short id of the ref printed last;
 * ``metac node run`` is not run: the harness runs both nodes, with ``--address``;
-* ``stream forward`` runs until it says it is forwarding, then stops with SIGTERM,
-  its normal end (exit 0). Every other line must exit 0.
+* ``stream forward`` and a ``net bind`` without ``--persistent`` run in the foreground
+  until stopped: each keeps running (as if in another terminal) from the line that
+  says it is ready until the end of its paragraph (the next blank line), then stops
+  with SIGTERM, its normal end (exit 0). Every other line must exit 0.
 
-Covered: the README quick start (``quickstart``), docs/streams.md (``streams``) and
-docs/filesystems.md (``filesystems``).
+Covered: the README quick start (``quickstart``), docs/streams.md (``streams``),
+docs/filesystems.md (``filesystems``) and docs/network.md (``network``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from metac.persistence.store import SHORT_ID_LEN
+from metac.testing.netns import ip
 from metac.testing.nodes import NodeHost
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
@@ -48,8 +51,10 @@ EXAMPLE_RE = re.compile(r"<!-- example: (?P<name>[\w-]+) -->\s*\n```sh\n(?P<body
 REF_RE = re.compile(r"ref://[^\s'\"()]+")
 PLACEHOLDER_RE = re.compile(r"ref://[^\s'\"]*(?:…|\.\.\.)[^\s'\"]*")
 DOC_A, DOC_B = "10.0.0.1", "10.0.0.2"
-#: Commands that run until stopped, and the line that says they are ready.
-LONG_RUNNING = {("stream", "forward"): "forwarding "}
+#: Commands that run until stopped (their first words, and a word that makes them return
+#: at once instead), and the start of the line that says they are ready.
+LONG_RUNNING = {("stream", "forward"): (None, "forwarding "),
+                ("net", "bind"): ("--persistent", "bound ")}
 
 
 def examples() -> dict[str, tuple[Path, str]]:
@@ -62,7 +67,7 @@ def examples() -> dict[str, tuple[Path, str]]:
 
 
 def test_the_examples_are_marked() -> None:
-    assert set(examples()) == {"quickstart", "streams", "filesystems"}
+    assert set(examples()) == {"quickstart", "streams", "filesystems", "network"}
 
 
 def short_id(ref: str) -> str:
@@ -88,6 +93,8 @@ class ExampleRunner:
         wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m metac "$@"\n')
         wrapper.chmod(0o755)
         self.ran: list[str] = []
+        self.holding: list[tuple[str, subprocess.Popen[str]]] = []
+        self.where = "A"
         self.outputs: list[tuple[str, str]] = []  # (command line, stdout)
 
     def resolve(self, token: str) -> str:
@@ -112,20 +119,24 @@ class ExampleRunner:
         return line
 
     def run(self, body: str) -> None:
-        where = "A"
-        for raw in body.splitlines():
-            text = raw.strip()
-            if not text:
-                continue
-            if text.startswith("#"):
-                named = re.search(r"\b(?i:machine|node|on)\s+([AB])\b", text)
-                if named:
-                    where = named.group(1)
-                elif re.search(r"\banywhere\b", text, re.I):
-                    where = "B"
-                continue
-            command = re.split(r"\s{2,}#", text)[0].strip()
-            self.run_line(where, command)
+        self.where = "A"
+        try:
+            for raw in body.splitlines():
+                self.run_raw(raw.strip())
+        finally:
+            self.stop_holding()
+
+    def run_raw(self, text: str) -> None:
+        if not text:  # the end of a paragraph: foreground commands are stopped
+            self.stop_holding()
+        elif text.startswith("#"):
+            named = re.search(r"\b(?i:machine|node|on)\s+([AB])\b", text)
+            if named:
+                self.where = named.group(1)
+            elif re.search(r"\banywhere\b", text, re.I):
+                self.where = "B"
+        else:
+            self.run_line(self.where, re.split(r"\s{2,}#", text)[0].strip())
 
     def env(self, node: NodeHost) -> dict[str, str]:
         return node.cli_env({"PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
@@ -139,10 +150,10 @@ class ExampleRunner:
         self.ran.append(f"{where}$ {line}")
         words = line.split()
         argv = node.host.argv(["bash", "-c", line])
-        ready = next((r for cmd, r in LONG_RUNNING.items() if tuple(words[1:3]) == cmd), None)
-        if ready is not None:
-            self.run_until_ready(argv, node, line, ready)
-            return
+        for first, (returns_if, ready) in LONG_RUNNING.items():
+            if tuple(words[1:3]) == first and returns_if not in words:
+                self.start_holding(argv, node, line, ready)
+                return
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.env(node),
                               stdin=subprocess.DEVNULL, timeout=120, check=False, cwd=self.cwd)
         assert proc.returncode == 0, (where, line, proc.stdout, proc.stderr)
@@ -151,18 +162,25 @@ class ExampleRunner:
         for ref in REF_RE.findall(proc.stdout):
             self.printed.append((line, ref))
 
-    def run_until_ready(self, argv: list[str], node: NodeHost, line: str, ready: str) -> None:
+    def start_holding(self, argv: list[str], node: NodeHost, line: str, ready: str) -> None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.env(node), stdin=subprocess.DEVNULL, cwd=self.cwd)
+        self.holding.append((line, proc))
+        first = proc.stdout.readline() if proc.stdout else ""
+        assert first.startswith(ready), (line, first, proc.poll())
+
+    def stop_holding(self) -> None:
+        holding, self.holding = self.holding, []
         try:
-            first = proc.stdout.readline() if proc.stdout else ""
-            assert first.startswith(ready), (line, first, proc.stderr and proc.stderr.read())
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0, (line, proc.stderr and proc.stderr.read())
+            for line, proc in holding:
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(timeout=60)
+                assert code == 0, (line, code, proc.stderr and proc.stderr.read())
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            for _, proc in holding:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 @contextmanager
@@ -247,6 +265,19 @@ def test_filesystems_doc(two_nodes: dict[str, NodeHost], tmp_path: Path) -> None
     data_ref = runner.printed[0][1]
     again = two_nodes["B"].metac("fs", "mount", data_ref, str(b_dir / "mnt-data"), check=False)
     assert again.returncode == 3, again.stderr
+
+
+def test_network_doc(two_nodes: dict[str, NodeHost], tmp_path: Path) -> None:
+    a = two_nodes["A"].host
+    ip("link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer", netns=a.netns)
+    for dev in ("eth1", "eth1-peer"):
+        ip("link", "set", dev, "up", netns=a.netns)
+    runner = ExampleRunner(two_nodes, tmp_path)
+    runner.run(examples()["network"][1])
+    assert [line.split()[0] for line in runner.ran] == ["A$"] * 2 + ["B$"] * 5, runner.ran
+    listed = [out for line, out in runner.outputs if line.endswith("net ls")]
+    assert "remote0" in listed[0], listed
+    assert "remote0" not in ip("-o", "link", netns=two_nodes["B"].host.netns).stdout
 
 
 def test_the_runner_follows_the_rules() -> None:
