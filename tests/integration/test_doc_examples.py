@@ -20,7 +20,8 @@ blocks follow (say them in plain words, for readers):
   with SIGTERM, its normal end (exit 0). Every other line must exit 0.
 
 Covered: the README quick start (``quickstart``), docs/streams.md (``streams``),
-docs/filesystems.md (``filesystems``) and docs/network.md (``network``).
+docs/filesystems.md (``filesystems``), docs/network.md (``network``) and
+docs/compute.md (``compute``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 EXAMPLE_RE = re.compile(r"<!-- example: (?P<name>[\w-]+) -->\s*\n```sh\n(?P<body>.*?)\n```",
                         re.S)
 REF_RE = re.compile(r"ref://[^\s'\"()]+")
-PLACEHOLDER_RE = re.compile(r"ref://[^\s'\"]*(?:…|\.\.\.)[^\s'\"]*")
+PLACEHOLDER_RE = re.compile(r"ref://[^\s'\",]*(?:…|\.\.\.)[^\s'\",/]*")
 DOC_A, DOC_B = "10.0.0.1", "10.0.0.2"
 #: Commands that run until stopped (their first words, and a word that makes them return
 #: at once instead), and the start of the line that says they are ready.
@@ -67,7 +68,7 @@ def examples() -> dict[str, tuple[Path, str]]:
 
 
 def test_the_examples_are_marked() -> None:
-    assert set(examples()) == {"quickstart", "streams", "filesystems", "network"}
+    assert set(examples()) == {"quickstart", "streams", "filesystems", "network", "compute"}
 
 
 def short_id(ref: str) -> str:
@@ -120,9 +121,15 @@ class ExampleRunner:
 
     def run(self, body: str) -> None:
         self.where = "A"
+        pending = ""  # a command continued with a backslash at the end of its line
         try:
             for raw in body.splitlines():
-                self.run_raw(raw.strip())
+                text = raw.strip()
+                if text.endswith("\\"):
+                    pending += text[:-1].strip() + " "
+                    continue
+                self.run_raw(pending + text)
+                pending = ""
         finally:
             self.stop_holding()
 
@@ -280,6 +287,20 @@ def test_network_doc(two_nodes: dict[str, NodeHost], tmp_path: Path) -> None:
     assert "remote0" not in ip("-o", "link", netns=two_nodes["B"].host.netns).stdout
 
 
+def test_compute_doc(two_nodes: dict[str, NodeHost], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "from-a.txt").write_text("A\n")
+    for node in two_nodes.values():
+        node.track_mount_root(tmp_path)
+    runner = ExampleRunner(two_nodes, tmp_path, {"/srv/rootfs": str(tmp_path / "rootfs"),
+                                                 "/home/me/data": str(data)})
+    runner.run(examples()["compute"][1])
+    assert [line.split()[0] for line in runner.ran] == ["A$"] * 4 + ["B$", "A$"], runner.ran
+    out = runner.outputs[-1][1]
+    assert out.startswith("from-a.txt\n") and "1 packets received" in out, out
+
+
 def test_the_runner_follows_the_rules() -> None:
     """The conventions above, without nodes (so a rule that breaks says which)."""
     runner = ExampleRunner.__new__(ExampleRunner)
@@ -291,3 +312,6 @@ def test_the_runner_follows_the_rules() -> None:
     assert runner.expand("x ref://…first… ref://…second…") == f"x {s1} {s2}"
     assert runner.expand("metac ref rm ref://…bind…") == f"metac ref rm {b1}"
     assert runner.expand("metac ref rm <id>") == f"metac ref rm {short_id(b1)}"
+    runner.printed.append(("metac net export newlocal:ct0", "ref://192.0.2.1/net/" + "n" * 32))
+    assert runner.expand("--network name=eth0,uri=ref://[A]/net/...,address=x") == \
+        f"--network name=eth0,uri={runner.printed[-1][1]},address=x"
