@@ -67,10 +67,14 @@ def link_logs(log_dir: str, runtime_dir: str) -> None:
     from the runtime dir alone (the one thing a CLI knows about its node)."""
     link = os.path.join(runtime_dir, "logs")
     tmp = f"{link}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    os.symlink(os.path.abspath(log_dir), tmp)
-    os.replace(tmp, link)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.abspath(log_dir), tmp)
+        os.replace(tmp, link)
+    except OSError as exc:  # only a convenience: never a reason not to start
+        log.warning("cannot link %s to %s: %s (`metac node logs` then needs --state-dir)",
+                    link, log_dir, exc.strerror or exc)
 
 
 class ServiceRunner:
