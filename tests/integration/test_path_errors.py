@@ -49,3 +49,19 @@ def test_missing_mount_points(nodes_factory: Callable[..., list[NodeHost]],
         assert line == f"metac: InvalidArgument: {not_dir}: not a directory", (argv, line)
     assert node.metac("block", "ls", "--json").stdout.strip() == "[]"
     assert node.metac("fs", "ls", "--json").stdout.strip() == "[]"
+
+
+def test_missing_local_directories_everywhere(nodes_factory: Callable[..., list[NodeHost]],
+                                              tmp_path: Path) -> None:
+    (node,) = nodes_factory(1)
+    (tmp_path / "mnt").mkdir()
+    missing = tmp_path / "no" / "such"
+    for argv, shown in (
+        (("fs", "export", f"local:{missing}"), missing),
+        (("file", "export", f"local:{missing}/file"), missing),
+        (("block", "export", f"local:{missing}/disk.img"), missing),
+        (("fs", "mount", f"local:{missing}", str(tmp_path / "mnt")), missing),
+        (("run", "--mount", f"/=local:{missing}", "--", "true"), missing),
+    ):
+        line = one_line(node.metac(*argv, check=False), "NotFound", 3, "no-secret-here")
+        assert line == f"metac: NotFound: {shown}: no such directory", (argv, line)
