@@ -179,6 +179,10 @@ def test_background_ps_kill(nodes_factory, busybox_root) -> None:
     rows = [line.split() for line in a.metac("ps").stdout.splitlines()[1:]]
     assert len(rows) == 1 and rows[0][2] == "running" and rows[0][-2:] == ["sleep", "300"]
     process_id = rows[0][0]
+    running = a.metac("rm", process_id, check=False)
+    assert running.returncode == 6 and running.stderr.strip().splitlines() == [
+        f"metac: FailedPrecondition: process {process_id} is still running; stop it first "
+        f"with `metac kill {process_id}`"], running.stderr
     a.metac("kill", process_id)
     deadline = time.monotonic() + 10
     while a.metac("ps").stdout.splitlines()[1:] and time.monotonic() < deadline:
