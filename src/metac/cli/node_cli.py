@@ -24,7 +24,10 @@ def register(sub: Any) -> None:
         "run", help="run the node in the foreground (NodeAdmin + Node + services)",
         description="Run the node in the foreground: NodeAdmin on the admin socket, Node on "
                     "--address:--port, and every service as a supervised process. The ready "
-                    "line on stderr names the address and why it was picked.")
+                    "line on stderr names the address and why it was picked. It runs as "
+                    "root; not as root it needs --port 1024 or above and a --state-dir and "
+                    "--runtime-dir it can write, and runs only the persistence and stream "
+                    "services (`metac node status` says why the others do not run).")
     r.add_argument("--address", default=None,
                    help="IP address to serve Node on and to put in refs (default: the address "
                         "of the interface the default route leaves through, IPv4 when there is "
