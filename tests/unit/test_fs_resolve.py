@@ -187,3 +187,17 @@ def test_symlink_swapped_in_during_walks_never_leads_out(tree: Path) -> None:
         stop.set()
         thread.join()
     assert seen["inside"] and seen["refused"], seen
+
+
+def test_a_missing_mount_point_is_not_found_with_the_whole_path(tmp_path: Path) -> None:
+    from metac.fs.service import check_mount_point
+
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(errors.NotFound, match=f"^{missing}: no such directory$"):
+        check_mount_point(str(missing))
+    export = Directory.open_absolute(str(tmp_path))
+    try:  # below an export only the client's name: never where the export lives
+        with pytest.raises(errors.NotFound, match="^no: no such directory$"):
+            export.subdir(("no", "such"))
+    finally:
+        export.close()

@@ -98,7 +98,10 @@ class Directory:
                 try:
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
-                    raise _walk_error(exc, "/".join(walked)) from None
+                    # From / (a path of this host: a mount point) the whole path; below an
+                    # export only the client's own name, never where the export lives.
+                    shown = join("/", parts) if self.path == "/" else "/".join(walked)
+                    raise _walk_error(exc, shown) from None
                 os.close(fd)
                 fd = nfd
         except BaseException:

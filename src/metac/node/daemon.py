@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from metac import errors
@@ -33,6 +33,14 @@ BUILTIN_SERVICES: dict[str, str] = {
     "compute": "metac.compute",
 }
 
+#: Built-in services that cannot work without root, and what for. A node that does not
+#: run as root leaves them out; `metac node status` lists them as unavailable.
+NEEDS_ROOT: dict[str, str] = {
+    "net": "network devices (VXLAN, bridges, veth)",
+    "fs": "mounts, loop and NBD devices, and the sandboxed file servers",
+    "compute": "containers (namespaces, cgroups, mounts)",
+}
+
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 30.0  # a service that ran this long restarts with the first backoff again
@@ -45,22 +53,28 @@ class NodeConfig:
     state_dir: str
     runtime_dir: str
     services: dict[str, str]
+    #: Why this address (the ready line says it): "given with --address", or the
+    #: rule of metac.node.address.choose_address that picked it.
+    address_reason: str = "given with --address"
+    #: Said as a warning at start-up and in the ready line (the loopback fallback).
+    address_warning: str | None = None
+    #: Services left out and why (a node not running as root): status says so.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
-def default_address() -> str:
-    """The first global address of this host (IPv6 preferred), else ::1."""
+def link_logs(log_dir: str, runtime_dir: str) -> None:
+    """``<runtime-dir>/logs`` -> the log dir, so that `metac node logs` finds the logs
+    from the runtime dir alone (the one thing a CLI knows about its node)."""
+    link = os.path.join(runtime_dir, "logs")
+    tmp = f"{link}.{os.getpid()}.tmp"
     try:
-        from pyroute2 import IPRoute
-    except ImportError:
-        return "::1"
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            if ip.is_global or (ip.is_private and not ip.is_loopback and not ip.is_link_local):
-                found.append(ip)
-    found.sort(key=lambda ip: (ip.version != 6, not ip.is_global))
-    return str(found[0]) if found else "::1"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.abspath(log_dir), tmp)
+        os.replace(tmp, link)
+    except OSError as exc:  # only a convenience: never a reason not to start
+        log.warning("cannot link %s to %s: %s (`metac node logs` then needs --state-dir)",
+                    link, log_dir, exc.strerror or exc)
 
 
 class ServiceRunner:
@@ -135,9 +149,12 @@ async def run_node(config: NodeConfig) -> int:
     except ValueError:
         raise errors.InvalidArgument(f"--address must be an IP address, not {config.address!r}") from None
 
+    if config.address_warning:
+        log.warning("WARNING: %s", config.address_warning)
     supervisor = Supervisor(config.state_dir, "node")
+    link_logs(supervisor.log_dir, config.runtime_dir)
     await supervisor.reap_orphans()
-    registry = Registry(list(config.services))
+    registry = Registry(list(config.services), config.unavailable)
     instance = secrets.token_hex(8)
     runners = [
         ServiceRunner(name, module, supervisor, registry, ServiceEnv(
@@ -149,7 +166,9 @@ async def run_node(config: NodeConfig) -> int:
     public = NodeServer(registry, address)
 
     def status() -> list[dict[str, Any]]:
-        return [r.status() for r in runners]
+        return [r.status() for r in runners] + [
+            {"name": name, "state": f"unavailable: {why}", "pid": 0, "restarts": 0}
+            for name, why in config.unavailable.items()]
 
     socket_path = admin_socket(config.runtime_dir)
     unix_server = await serve_unix(
@@ -168,8 +187,14 @@ async def run_node(config: NodeConfig) -> int:
             for runner in runners:
                 tg.create_task(runner.run(), name=f"service {runner.name}")
             await registry.wait_all()
-            log.info("metac node ready on %s (admin socket %s; services: %s)",
-                     shown, socket_path, ", ".join(config.services))
+            log.info("metac node ready on %s (address %s: %s; admin socket %s; services: %s)",
+                     shown, config.address, config.address_reason, socket_path,
+                     ", ".join(config.services))
+            if config.address_warning:
+                log.warning("WARNING: %s", config.address_warning)
+            if config.unavailable:
+                log.warning("WARNING: not running as root: services %s do not run "
+                            "(metac node status says why)", ", ".join(config.unavailable))
             sd_notify("READY=1")
             try:
                 await asyncio.Event().wait()
