@@ -1,0 +1,145 @@
+"""Follow the framing of a Cap'n Proto message stream without parsing messages.
+
+A Cap'n Proto message on a stream starts with its segment table: a
+little-endian ``uint32`` holding the segment count minus one, one ``uint32``
+word count per segment, and four bytes of padding when that makes the table
+end on an 8-byte boundary. The segments (``8 * sum(sizes)`` bytes) follow.
+The table alone tells how long the whole message is, so a reader in front of
+the RPC system can refuse an oversized message before anything allocates room
+for it, and can tell whether a connection is in the middle of a message.
+
+``FrameScanner.feed`` takes the stream's bytes in whatever pieces they come
+and counts the messages that end; it keeps at most one partial segment table
+(at most ``4 * (max_segments + 1)`` bytes) and never copies message bodies.
+"""
+
+from __future__ import annotations
+
+import struct
+
+WORD = 8
+#: Cap'n Proto itself refuses a message of 512 segments or more.
+MAX_SEGMENTS = 511
+
+_U32 = struct.Struct("<I")
+_U32x2 = struct.Struct("<II")
+
+
+class FrameError(ValueError):
+    """The stream cannot be a sequence of acceptable Cap'n Proto messages."""
+
+
+def table_bytes(segments: int) -> int:
+    """Length of the segment table of a message of ``segments`` segments (padding included)."""
+    return (4 + 4 * segments + 7) & ~7
+
+
+def frame(segments: list[bytes]) -> bytes:
+    """The stream form of a message made of ``segments`` (each a multiple of 8 bytes long)."""
+    if not segments:
+        raise ValueError("a message has at least one segment")
+    sizes = []
+    for seg in segments:
+        if len(seg) % WORD:
+            raise ValueError("a segment is a whole number of words")
+        sizes.append(len(seg) // WORD)
+    head = struct.pack(f"<{len(sizes) + 1}I", len(sizes) - 1, *sizes)
+    head += b"\0" * (table_bytes(len(sizes)) - len(head))
+    return head + b"".join(segments)
+
+
+class FrameScanner:
+    """Tracks message boundaries of one direction of a Cap'n Proto stream.
+
+    ``max_message_bytes`` bounds a whole message, segment table included;
+    ``max_segments`` bounds its segment count. ``feed`` raises ``FrameError``
+    at the first table that breaks either limit (and stays failed).
+    """
+
+    __slots__ = ("max_message_bytes", "max_segments", "_head", "_left", "_size", "_failed")
+
+    def __init__(self, max_message_bytes: int, max_segments: int = MAX_SEGMENTS) -> None:
+        if max_message_bytes < WORD or max_segments < 1:
+            raise ValueError("limits too small for any message")
+        self.max_message_bytes = max_message_bytes
+        self.max_segments = min(max_segments, MAX_SEGMENTS)
+        self._head = bytearray()  # a segment table received in pieces
+        self._left = 0  # body bytes still to come of the current message
+        self._size = 0  # total size of the current message, once its table is known
+        self._failed = False
+
+    @property
+    def in_message(self) -> bool:
+        """Part of a message has arrived and the rest has not."""
+        return self._left > 0 or bool(self._head)
+
+    @property
+    def pending_bytes(self) -> int:
+        """The size the current partial message will have (table included), or the
+        part of its table seen so far; 0 between messages."""
+        return self._size if self._left else len(self._head)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Account for the next bytes of the stream; returns how many messages they end."""
+        if self._failed:
+            raise FrameError("the stream already broke the framing limits")
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        end = len(view)
+        pos = 0
+        done = 0
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                self._left -= take
+                pos += take
+                if not self._left:
+                    done += 1
+                    self._size = 0
+                continue
+            if not self._head and end - pos >= WORD:
+                # Fast path: the table (or at least its first word) is in this piece.
+                count_minus_one, first = _U32x2.unpack_from(view, pos)
+                count = self._check_count(count_minus_one)
+                head_len = table_bytes(count)
+                if end - pos >= head_len:
+                    body = first
+                    for i in range(1, count):
+                        body += _U32.unpack_from(view, pos + 4 + 4 * i)[0]
+                    pos += head_len
+                    done += self._start(head_len, body)
+                    continue
+            # Slow path: gather the table across pieces.
+            if len(self._head) < 4:
+                need = 4 - len(self._head)
+            else:
+                need = table_bytes(self._check_count(_U32.unpack_from(self._head)[0])) - len(self._head)
+            take = min(need, end - pos)
+            self._head += view[pos:pos + take]
+            pos += take
+            if len(self._head) < 4:
+                continue
+            count = self._check_count(_U32.unpack_from(self._head)[0])
+            head_len = table_bytes(count)
+            if len(self._head) == head_len:
+                sizes = struct.unpack_from(f"<{count}I", self._head, 4)
+                self._head.clear()
+                done += self._start(head_len, sum(sizes))
+        return done
+
+    def _check_count(self, count_minus_one: int) -> int:
+        count = count_minus_one + 1
+        if count > self.max_segments:
+            self._failed = True
+            raise FrameError(f"message of {count} segments (at most {self.max_segments})")
+        return count
+
+    def _start(self, head_len: int, body_words: int) -> int:
+        size = head_len + body_words * WORD
+        if size > self.max_message_bytes:
+            self._failed = True
+            raise FrameError(f"message of {size} bytes (at most {self.max_message_bytes})")
+        if body_words == 0:
+            return 1
+        self._left = body_words * WORD
+        self._size = size
+        return 0
