@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metac.codec.capnp_frames import MAX_SEGMENTS, FrameError, FrameScanner, frame, table_bytes
+from metac.codec.capnp_frames import (
+    MAX_SEGMENTS,
+    FrameError,
+    FrameScanner,
+    frame,
+    table_bytes,
+)
+from metac.codec.capnp_frames import (
+    split as split_messages,
+)
 from metac.schema.load import core
 
 
@@ -123,3 +132,15 @@ def test_memoryview_pieces_are_accepted() -> None:
     view = memoryview(stream)
     assert scanner.feed(view[:5]) == 0
     assert scanner.feed(view[5:]) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages, st.integers(min_value=0, max_value=64))
+def test_split_returns_whole_messages_and_the_rest(msgs: list[list[int]], cut: int) -> None:
+    built = [build(m) for m in msgs]
+    stream = b"".join(built)
+    whole, rest = split_messages(stream)
+    assert whole == built and rest == b""
+    truncated = stream[:max(0, len(stream) - 1 - cut)]
+    whole, rest = split_messages(truncated)
+    assert b"".join(whole) + rest == truncated and len(whole) < len(built)

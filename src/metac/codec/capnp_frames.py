@@ -48,6 +48,23 @@ def frame(segments: list[bytes]) -> bytes:
     return head + b"".join(segments)
 
 
+def split(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole messages at the start of ``data``, and the bytes after them."""
+    messages = []
+    pos = 0
+    while len(data) - pos >= 4:
+        count = _U32.unpack_from(data, pos)[0] + 1
+        head = table_bytes(count)
+        if count > MAX_SEGMENTS or len(data) - pos < head:
+            break
+        size = head + WORD * sum(struct.unpack_from(f"<{count}I", data, pos + 4))
+        if len(data) - pos < size:
+            break
+        messages.append(data[pos:pos + size])
+        pos += size
+    return messages, data[pos:]
+
+
 class FrameScanner:
     """Tracks message boundaries of one direction of a Cap'n Proto stream.
 
