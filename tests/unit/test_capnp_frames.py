@@ -144,3 +144,13 @@ def test_split_returns_whole_messages_and_the_rest(msgs: list[list[int]], cut: i
     truncated = stream[:max(0, len(stream) - 1 - cut)]
     whole, rest = split_messages(truncated)
     assert b"".join(whole) + rest == truncated and len(whole) < len(built)
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages, st.integers(min_value=0, max_value=100))
+def test_nbytes_limits_what_is_read_from_a_larger_buffer(msgs: list[list[int]], junk: int) -> None:
+    stream = b"".join(build(m) for m in msgs)
+    buffer = bytearray(stream + b"\xff" * junk)  # what follows nbytes is not looked at
+    scanner = FrameScanner(1 << 20)
+    assert scanner.feed(memoryview(buffer), len(stream)) == len(msgs)
+    assert not scanner.in_message

@@ -96,52 +96,75 @@ class FrameScanner:
         part of its table seen so far; 0 between messages."""
         return self._size if self._left else len(self._head)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> int:
-        """Account for the next bytes of the stream; returns how many messages they end."""
+    def feed(self, data: bytes | bytearray | memoryview, nbytes: int | None = None) -> int:
+        """Account for the next bytes of the stream (the first ``nbytes`` of ``data``,
+        a bytes-like object of unsigned bytes); returns how many messages they end."""
         if self._failed:
             raise FrameError("the stream already broke the framing limits")
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
-        end = len(view)
+        end = len(data) if nbytes is None else nbytes
         pos = 0
         done = 0
         while pos < end:
-            if self._left:
-                take = min(self._left, end - pos)
-                self._left -= take
-                pos += take
-                if not self._left:
-                    done += 1
-                    self._size = 0
+            left = self._left
+            if left:
+                if left > end - pos:
+                    self._left = left - (end - pos)
+                    return done
+                pos += left
+                self._left = 0
+                self._size = 0
+                done += 1
                 continue
             if not self._head and end - pos >= WORD:
-                # Fast path: the table (or at least its first word) is in this piece.
-                count_minus_one, first = _U32x2.unpack_from(view, pos)
-                count = self._check_count(count_minus_one)
-                head_len = table_bytes(count)
-                if end - pos >= head_len:
-                    body = first
+                # Fast path (inlined: this runs for every message the node receives):
+                # the table, or at least its first word, is in this piece.
+                count_minus_one, body = _U32x2.unpack_from(data, pos)
+                if count_minus_one == 0:
+                    head_len = WORD
+                else:
+                    count = self._check_count(count_minus_one)
+                    head_len = table_bytes(count)
+                    if end - pos < head_len:
+                        pos, ended = self._gather(data, pos, end)
+                        done += ended
+                        continue
                     for i in range(1, count):
-                        body += _U32.unpack_from(view, pos + 4 + 4 * i)[0]
-                    pos += head_len
-                    done += self._start(head_len, body)
-                    continue
-            # Slow path: gather the table across pieces.
-            if len(self._head) < 4:
-                need = 4 - len(self._head)
-            else:
-                need = table_bytes(self._check_count(_U32.unpack_from(self._head)[0])) - len(self._head)
-            take = min(need, end - pos)
-            self._head += view[pos:pos + take]
-            pos += take
-            if len(self._head) < 4:
+                        body += _U32.unpack_from(data, pos + 4 + 4 * i)[0]
+                pos += head_len
+                size = head_len + body * WORD
+                if size > self.max_message_bytes:
+                    self._failed = True
+                    raise FrameError(f"message of {size} bytes (at most {self.max_message_bytes})")
+                if body:
+                    self._left = body * WORD
+                    self._size = size
+                else:
+                    done += 1
                 continue
-            count = self._check_count(_U32.unpack_from(self._head)[0])
-            head_len = table_bytes(count)
-            if len(self._head) == head_len:
-                sizes = struct.unpack_from(f"<{count}I", self._head, 4)
-                self._head.clear()
-                done += self._start(head_len, sum(sizes))
+            pos, ended = self._gather(data, pos, end)
+            done += ended
         return done
+
+    def _gather(self, data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int]:
+        """Slow path: collect a segment table that arrives in pieces. Returns the
+        new position, and 1 if that completed an empty message (else 0)."""
+        if len(self._head) < 4:
+            need = 4 - len(self._head)
+        else:
+            need = table_bytes(self._check_count(_U32.unpack_from(self._head)[0])) - len(self._head)
+        take = min(need, end - pos)
+        self._head += data[pos:pos + take]
+        pos += take
+        if len(self._head) < 4:
+            return pos, 0
+        count = self._check_count(_U32.unpack_from(self._head)[0])
+        head_len = table_bytes(count)
+        if len(self._head) == head_len:
+            sizes = struct.unpack_from(f"<{count}I", self._head, 4)
+            self._head.clear()
+            if not self._start(head_len, sum(sizes)):
+                return pos, 1
+        return pos, 0
 
     def _check_count(self, count_minus_one: int) -> int:
         count = count_minus_one + 1
@@ -150,13 +173,14 @@ class FrameScanner:
             raise FrameError(f"message of {count} segments (at most {self.max_segments})")
         return count
 
-    def _start(self, head_len: int, body_words: int) -> int:
+    def _start(self, head_len: int, body_words: int) -> bool:
+        """A table is complete; False if its message is empty (and so already over)."""
         size = head_len + body_words * WORD
         if size > self.max_message_bytes:
             self._failed = True
             raise FrameError(f"message of {size} bytes (at most {self.max_message_bytes})")
         if body_words == 0:
-            return 1
+            return False
         self._left = body_words * WORD
         self._size = size
-        return 0
+        return True

@@ -381,7 +381,8 @@ class _GuardedConnection:
     """Bookkeeping of one TCP connection for ``_ConnectionGuard``."""
 
     __slots__ = ("guard", "peer", "group", "scanner", "transport", "bootstrap", "pending",
-                 "in_message", "last_seen", "message_started", "closing")
+                 "pieces", "messages", "seen_pieces", "seen_messages", "last_seen",
+                 "message_started", "closing")
 
     def __init__(self, guard: _ConnectionGuard, peer: Peer) -> None:
         self.guard = guard
@@ -391,8 +392,12 @@ class _GuardedConnection:
         self.transport: asyncio.Transport | None = None
         self.bootstrap: Any = None
         self.pending = 0  # declared size of the partial message counted in guard.pending
-        self.in_message = False
-        self.last_seen = self.message_started = time.monotonic()
+        # Counted per piece received; the sweeper turns them into times, so the
+        # path every message takes does no clock reads.
+        self.pieces = self.messages = 0
+        self.seen_pieces = self.seen_messages = 0
+        self.last_seen = time.monotonic()
+        self.message_started: float | None = None
         self.closing = False
 
     def holds_capabilities(self) -> bool:
@@ -436,13 +441,17 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         conn = self._conn
         if conn.closing:
             return
+        scanner = conn.scanner
         try:
-            ended = conn.scanner.feed(memoryview(self._buffer)[:nbytes])
+            conn.messages += scanner.feed(self._buffer, nbytes)
         except FrameError as exc:
             conn.abort("message-size", "%s", exc)
             return
-        if conn.guard.account(conn, ended):
-            self._inner.buffer_updated(nbytes)
+        conn.pieces += 1
+        if (conn.pending or scanner.pending_bytes > BUFFERED_MESSAGE_BYTES) \
+                and not conn.guard.account(conn):
+            return
+        self._inner.buffer_updated(nbytes)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -500,14 +509,9 @@ class _ConnectionGuard:
         self.pending -= conn.pending
         conn.pending = 0
 
-    def account(self, conn: _GuardedConnection, ended: int) -> bool:
-        """Note bytes that arrived on ``conn``; False (connection aborted) if the
-        partial message they start would take pending memory over the budget."""
-        now = time.monotonic()
-        conn.last_seen = now
-        if conn.scanner.in_message and (ended or not conn.in_message):
-            conn.message_started = now
-        conn.in_message = conn.scanner.in_message
+    def account(self, conn: _GuardedConnection) -> bool:
+        """Count the partial message ``conn`` is receiving against the budget;
+        False (connection aborted) if it would take pending memory over it."""
         # Messages up to BUFFERED_MESSAGE_BYTES are read into the connection's own
         # buffer (part of what a connection costs); larger ones get their own.
         pending = conn.scanner.pending_bytes
@@ -524,16 +528,26 @@ class _ConnectionGuard:
         return True
 
     def sweep(self) -> None:
+        """Close connections past a timeout. Times are those of the sweeps that first
+        saw a message under way or a connection silent: up to one interval late."""
         now = time.monotonic()
         limits = self.limits
         for conn in list(self.live):
-            if conn.in_message:
-                if now - conn.message_started > limits.message_timeout:
+            if conn.pieces != conn.seen_pieces:
+                conn.seen_pieces = conn.pieces
+                conn.last_seen = now
+            if conn.scanner.in_message:
+                if conn.message_started is None or conn.messages != conn.seen_messages:
+                    conn.message_started = now
+                elif now - conn.message_started > limits.message_timeout:
                     conn.abort("stalled", "a message still unfinished after %g s "
                                "(METAC_RPC_MESSAGE_TIMEOUT)", limits.message_timeout)
-            elif now - conn.last_seen > limits.idle_timeout and not conn.holds_capabilities():
-                conn.abort("idle", "idle for %g s holding no capability (METAC_RPC_IDLE_TIMEOUT)",
-                           limits.idle_timeout)
+            else:
+                conn.message_started = None
+                if now - conn.last_seen > limits.idle_timeout and not conn.holds_capabilities():
+                    conn.abort("idle", "idle for %g s holding no capability "
+                               "(METAC_RPC_IDLE_TIMEOUT)", limits.idle_timeout)
+            conn.seen_messages = conn.messages
 
     async def sweep_forever(self) -> None:
         while True:
