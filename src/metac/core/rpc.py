@@ -149,7 +149,8 @@ def _positive(name: str, text: str, kind: type) -> Any:
     except ValueError:
         value = 0
     if not value > 0:
-        raise errors.InvalidArgument(f"{name} must be a positive {kind.__name__}, not {text!r}")
+        raise errors.InvalidArgument(
+            f"{name} must be a positive {'whole ' if kind is int else ''}number, not {text!r}")
     return value
 
 
@@ -488,7 +489,7 @@ class _ConnectionGuard:
                           "(METAC_RPC_MAX_CONNECTIONS)", peer.address, len(self.live))
             return None
         if self.per_group.get(group, 0) >= self.limits.max_per_peer:
-            _warn.warning(f"conn-peer {group}", "refusing a connection from %s: %d connections "
+            _warn.warning("conn-peer", "refusing a connection from %s: %d connections "
                           "open from %s (METAC_RPC_MAX_CONNECTIONS_PER_PEER)",
                           peer.address, self.per_group[group], group)
             return None
