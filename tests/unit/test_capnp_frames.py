@@ -13,6 +13,7 @@ from metac.codec.capnp_frames import (
     FrameScanner,
     frame,
     table_bytes,
+    traversal_words,
 )
 from metac.codec.capnp_frames import (
     split as split_messages,
@@ -154,3 +155,55 @@ def test_nbytes_limits_what_is_read_from_a_larger_buffer(msgs: list[list[int]], 
     scanner = FrameScanner(1 << 20)
     assert scanner.feed(memoryview(buffer), len(stream)) == len(msgs)
     assert not scanner.in_message
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages, st.integers(min_value=8, max_value=400), st.lists(st.integers(min_value=0)))
+def test_capture_copies_exactly_the_large_messages(msgs, threshold, cuts) -> None:
+    built = [build(m) for m in msgs]
+    scanner = FrameScanner(1 << 20, capture_from=threshold)
+    captured = []
+    for piece in split(b"".join(built), cuts):
+        scanner.feed(memoryview(bytearray(piece)))
+        captured += scanner.take_captured()
+    assert captured == [b for b in built if len(b) >= threshold]
+    assert not scanner.captured
+
+
+def aliased(copies: int) -> bytes:
+    from metac.testing.rawpeer import aliased_restore_message
+
+    return aliased_restore_message(2, 1, copies=copies, blob_bytes=4096)
+
+
+def body_words(message: bytes) -> int:
+    count = int.from_bytes(message[:4], "little") + 1
+    return (len(message) - table_bytes(count)) // 8
+
+
+def test_traversal_words_of_real_messages_fit_their_size() -> None:
+    for i in range(1, 6):
+        builder = capnp._MallocMessageBuilder(16)  # small first segment: far pointers
+        root = builder.init_root(core.ServiceStatus)
+        root.name = "n" * (300 * i)
+        root.state = "s" * (97 * i)
+        message = frame([bytes(s) for s in builder.get_segments_for_output()])
+        assert traversal_words(message, 10**9) <= body_words(message)
+    plain = aliased(1)
+    assert body_words(plain) - 8 <= traversal_words(plain, 10**9) <= body_words(plain)
+
+
+def test_traversal_words_sees_aliasing_and_stops_early() -> None:
+    message = aliased(100)
+    limit = body_words(message)
+    assert traversal_words(message, 10**9) >= 100 * 4096 // 8
+    assert limit < traversal_words(message, limit) <= limit + 4096 // 8
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=300).map(lambda b: b + b"\0" * (-len(b) % 8)),
+                min_size=1, max_size=4))
+def test_traversal_words_of_garbage_terminates(segments: list[bytes]) -> None:
+    message = frame(segments)
+    limit = body_words(message)
+    assert traversal_words(message, limit) <= limit + sum(len(s) for s in segments) // 8

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import capnp
 
 from metac import errors
-from metac.codec.capnp_frames import FrameError, FrameScanner
+from metac.codec.capnp_frames import FrameError, FrameScanner, aliases
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,8 @@ class _GuardedConnection:
         self.guard = guard
         self.peer = peer
         self.group = peer_group(peer.address)
-        self.scanner = FrameScanner(guard.limits.max_message_bytes)
+        self.scanner = FrameScanner(guard.limits.max_message_bytes,
+                                    capture_from=ALIAS_CHECK_BYTES)
         self.transport: asyncio.Transport | None = None
         self.bootstrap: Any = None
         self.pending = 0  # declared size of the partial message counted in guard.pending
@@ -449,6 +450,12 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
             conn.abort("message-size", "%s", exc)
             return
         conn.pieces += 1
+        if scanner.captured:
+            for message in scanner.take_captured():
+                if aliases(message):
+                    conn.abort("aliasing", "a message of %d bytes whose pointers share data "
+                               "(it would grow when copied)", len(message))
+                    return
         if (conn.pending or scanner.pending_bytes > BUFFERED_MESSAGE_BYTES) \
                 and not conn.guard.account(conn):
             return
@@ -471,6 +478,11 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
 #: pycapnp's message stream reads messages up to this size into a buffer each
 #: connection has anyway; only larger ones allocate (and count as pending).
 BUFFERED_MESSAGE_BYTES = 64 << 10
+#: Messages from this size on are checked for pointers that share data (a
+#: forwarded call is deep-copied: each alias would become a full copy). A
+#: smaller message can grow at most to a few times its size, and the connection's
+#: traversal limit bounds every message.
+ALIAS_CHECK_BYTES = 1 << 10
 
 
 class _ConnectionGuard:
@@ -514,15 +526,15 @@ class _ConnectionGuard:
         """Count the partial message ``conn`` is receiving against the budget;
         False (connection aborted) if it would take pending memory over it."""
         # Messages up to BUFFERED_MESSAGE_BYTES are read into the connection's own
-        # buffer (part of what a connection costs); larger ones get their own.
+        # buffer (part of what a connection costs); larger ones get their own, and
+        # the scanner keeps a copy of them for the aliasing check: counted twice.
         pending = conn.scanner.pending_bytes
-        if pending <= BUFFERED_MESSAGE_BYTES:
-            pending = 0
+        pending = 0 if pending <= BUFFERED_MESSAGE_BYTES else 2 * pending
         grow = pending - conn.pending
         if grow > 0 and self.pending + grow > self.limits.pending_bytes:
             conn.abort("pending", "its partial message of %d bytes would take the memory "
                        "of unfinished messages over %d bytes (METAC_RPC_PENDING_BYTES)",
-                       pending, self.limits.pending_bytes)
+                       conn.scanner.pending_bytes, self.limits.pending_bytes)
             return False
         self.pending += grow
         conn.pending = pending

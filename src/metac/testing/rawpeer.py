@@ -17,7 +17,9 @@ seconds pass), then prints one JSON line with what it observed and exits
               capability (pipelined, never used).
 
 The result tells, per connection, whether and when the other end closed it
-(``closed_after``: seconds since ready, ``null`` while open).
+(``closed_after``: seconds since ready, ``null`` while open); ``amplify`` and
+``idle`` also list the answers received (question 0 is the bootstrap, 1
+getService, 2 and on the restore calls).
 """
 
 from __future__ import annotations
@@ -256,15 +258,16 @@ class Watch:
 
 
 def _returns(data: bytes) -> list[str]:
-    """What each Return message in ``data`` says (``results``, ``exception: REASON``,
-    ``canceled``...), and ``abort: REASON`` for an Abort message."""
+    """What each Return message in ``data`` says, after its question id (``1 results``,
+    ``2 exception: REASON``, ``3 canceled``...), and ``abort: REASON`` for an Abort."""
     out: list[str] = []
     for raw in split(data)[0]:
         with rpc.Message.from_bytes(raw, traversal_limit_in_words=1 << 26) as m:
             if m.which() == "return":
                 ret = getattr(m, "return")
                 which = ret.which()
-                out.append(f"exception: {ret.exception.reason}" if which == "exception" else which)
+                said = f"exception: {ret.exception.reason}" if which == "exception" else which
+                out.append(f"{ret.answerId} {said}")
             elif m.which() == "abort":
                 out.append(f"abort: {m.abort.reason}")
     return out

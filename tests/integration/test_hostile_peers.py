@@ -224,7 +224,8 @@ def test_oversized_stalled_and_idle_connections_are_closed(nodes_factory) -> Non
     # Connected, nothing held: closed after METAC_RPC_IDLE_TIMEOUT.
     assert idle_result["closed"] == 1
     # Holding a capability (getService): never closed for being idle.
-    assert holder_result["open"] == 1 and holder_result["returns"][0][:2] == ["results"] * 2
+    assert holder_result["open"] == 1
+    assert holder_result["returns"][0] == ["0 results", "1 results"]
     log = a.log_text()
     assert "bytes (at most 1048576)" in log
     assert "a message still unfinished after 3 s" in log
@@ -250,18 +251,21 @@ def test_connections_are_capped_per_peer_and_in_total(nodes_factory) -> None:
     assert demo(b, "increment", ref, "3") == "3"
 
 
-def test_aliased_parameters_are_not_amplified_when_forwarded(nodes_factory) -> None:
-    # bootstrap -> getService("stream") -> restore, 30 times, each with a
-    # List(Data) of 900 pointers to one 32 KiB blob: ~40 KB on the wire, ~29 MB
-    # once deep-copied for the stream service.
+@pytest.mark.parametrize("copies, calls", [(900, 30), (60, 200)])
+def test_aliased_parameters_are_not_amplified_when_forwarded(nodes_factory, copies, calls) -> None:
+    # bootstrap -> getService("stream") -> restore, with a parameter struct holding
+    # a List(Data) of `copies` pointers to one 32 KiB blob: ~40 KB on the wire,
+    # `copies` x 32 KiB once deep-copied for the stream service. Issue 10's
+    # figures are 900 x 30; 60 x 200 stays under any traversal limit a
+    # legitimate call needs, yet took node and service +350 MiB each.
     a, b = nodes_factory(2, DEMO)
     ref = demo(a, "make-counter", "amplify")
     pids = {"node": node_pid(a), "stream": service_pid(a, "stream")}
     before = {name: memory_kib(pid, "VmRSS") for name, pid in pids.items()}
     for pid in pids.values():
         reset_peak(pid)
-    with Attacker(b, a, "amplify", "--calls", "30", "--until-returns", "31",
-                  "--hold", "120") as attack:
+    with Attacker(b, a, "amplify", "--calls", str(calls), "--copies", str(copies),
+                  "--until-returns", str(calls + 2), "--hold", "120") as attack:
         ready = attack.ready()
         result = attack.result()
     growth = {name: (memory_kib(pid, "VmHWM") - before[name]) / 1024 for name, pid in pids.items()}
@@ -270,11 +274,8 @@ def test_aliased_parameters_are_not_amplified_when_forwarded(nodes_factory) -> N
     assert ready["call_bytes"] < 64 * 1024
     assert growth["node"] < 64 and growth["stream"] < 64
     answers = result["returns"][0]
-    assert answers[:2] == ["results", "results"]  # bootstrap, getService
-    assert "results" not in answers[2:]  # no restore got through...
-    # ...the first one that would have been copied past METAC_RPC_MAX_READ_BYTES
-    # ended the connection (Cap'n Proto aborts a connection on such a message).
-    assert any("Exceeded message traversal limit" in r for r in answers[2:]), answers
-    assert result["closed"] == 1
+    restored = [a for a in answers if a.endswith(" results") and int(a.split()[0]) >= 2]
+    assert not restored and result["closed"] == 1  # no restore got through
+    assert "pointers share data" in a.log_text()
     assert service_pid(a, "stream") == pids["stream"]
     assert demo(b, "increment", ref, "1") == "1"

@@ -1,6 +1,6 @@
 """metac.core.rpc limits in-process (loopback only): the accept loop under accept
 errors, and each ConnectionLimits defence against a raw socket. The same defences
-on real nodes: tests/integration/test_rpc_limits.py."""
+on real nodes: tests/integration/test_hostile_peers.py."""
 
 from __future__ import annotations
 
@@ -179,14 +179,15 @@ def test_connections_per_peer_are_capped() -> None:
 
 def test_unfinished_large_messages_share_one_budget() -> None:
     async def main() -> None:
-        limits = ConnectionLimits(pending_bytes=200 << 10)
+        # Large unfinished messages count twice (the node also keeps a copy to check).
+        limits = ConnectionLimits(pending_bytes=500 << 10)
         server, port = await serving(limits)
         try:
             big = await raw_connect(port)
             big.send(table(150 << 10) + b"\0" * 1000)
             await asyncio.sleep(0.3)
             over = await raw_connect(port)
-            over.send(table(100 << 10) + b"\0" * 1000)
+            over.send(table(120 << 10) + b"\0" * 1000)
             small = await raw_connect(port)  # up to 64 KiB: not counted
             small.send(table(60 << 10) + b"\0" * 1000)
             await eventually(lambda: closed_by_peer(over))
