@@ -247,9 +247,11 @@ async def _accept_forever(sock: socket.socket, what: str,
                 _warn.warning(f"accept-skip {what}", "accept on %s failed: %s", what, reason)
                 continue
             delay = min(max(delay * 2, ACCEPT_BACKOFF_FIRST), ACCEPT_BACKOFF_MAX)
+            hint = " (see the open files limit, LimitNOFILE)" \
+                if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
             _warn.warning(f"accept {what} {exc.errno}",
-                          "cannot accept connections on %s: %s; retrying in %.2f s "
-                          "(raise the open files limit, LimitNOFILE)", what, reason, delay)
+                          "cannot accept connections on %s: %s; retrying in %.2f s%s",
+                          what, reason, delay, hint)
             await asyncio.sleep(delay)
             continue
         delay = 0.0
@@ -393,7 +395,7 @@ class _GuardedConnection:
                                     capture_from=ALIAS_CHECK_BYTES)
         self.transport: asyncio.Transport | None = None
         self.bootstrap: Any = None
-        self.pending = 0  # declared size of the partial message counted in guard.pending
+        self.pending = 0  # what its partial message counts in guard.pending
         # Counted per piece received; the sweeper turns them into times, so the
         # path every message takes does no clock reads.
         self.pieces = self.messages = 0
@@ -434,6 +436,8 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._conn.transport = transport  # type: ignore[assignment]
         self._inner.connection_made(transport)
+        if self._conn.closing:  # timed out before it was even set up
+            transport.abort()  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> Any:
         self._buffer = self._inner.get_buffer(sizehint)
