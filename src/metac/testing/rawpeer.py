@@ -10,9 +10,9 @@ seconds pass), then prints one JSON line with what it observed and exits
 ``partial``   ``--count`` connections, each sending the segment table of a
               ``--declared``-byte message and ``--send`` bytes of it, then stalling.
 ``amplify``   ``bootstrap -> getService(SERVICE) -> restore`` ``--calls`` times
-              over one connection, with a parameter struct holding a
-              ``List(Data)`` of ``--copies`` pointers that all alias one
-              ``--blob``-byte blob (small on the wire, huge when deep-copied).
+              over one connection, with a parameter struct holding a list
+              of ``--copies`` pointers that all alias one ``--blob``-byte
+              blob (small on the wire, huge when deep-copied).
 ``idle``      connect; with ``--get-service NAME`` also obtain that service's
               capability (pipelined, never used).
 
@@ -25,9 +25,7 @@ getService, 2 and on the restore calls).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import resource
 import select
 import socket
@@ -39,34 +37,14 @@ from typing import Any
 import capnp
 
 from metac.codec.capnp_frames import frame, split
-from metac.schema.load import core
+from metac.schema.load import capnp_rpc, compute, core
 
-_CAPNP_DIR = os.path.dirname(os.path.abspath(capnp.__file__))
-rpc = capnp.load(os.path.join(_CAPNP_DIR, "rpc.capnp"), imports=[os.path.dirname(_CAPNP_DIR)])
+rpc = capnp_rpc()
 
 NODE_ID = core.Node.schema.node.id
 SERVICE_ID = core.Service.schema.node.id
 GET_SERVICE = 1  # Node.getService @1
 RESTORE = 0  # Service.restore @0
-
-_EVIL_SCHEMA = """\
-@0xd4c1a9e0f3b25c71;
-struct AliasedRestoreParams {
-  objectInfo @0 :Data;
-  junk @1 :List(Data);
-}
-"""
-
-
-@functools.cache
-def _evil_schema() -> Any:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "evil.capnp")
-        with open(path, "w") as f:
-            f.write(_EVIL_SCHEMA)
-        return capnp.load(path)
 
 
 def _message(first_words: int = 1024) -> tuple[Any, Any]:
@@ -109,28 +87,30 @@ def aliased_restore_message(question: int, service_question: int, *, copies: int
                             blob_bytes: int) -> bytes:
     """A ``restore`` call whose parameters alias one blob ``copies`` times.
 
-    Built in one segment with pycapnp (junk[0] holds the blob, the others are
-    empty), then every other list pointer is rewritten to point at the blob.
+    The parameter struct is written as a ``compute.ProcessDescription``: its
+    first pointer is a ``List(Text)``, on the wire a list of byte lists like
+    ``List(Data)``. Built in one segment with pycapnp (the first element holds
+    the blob, the others are empty), then every other element's pointer is
+    rewritten to point at the blob.
     """
-    evil = _evil_schema()
-    words = blob_bytes // 8 + copies + 4096
+    words = blob_bytes // 8 + 2 * copies + 4096
     builder, msg = _message(words)
     call = _call(msg, question, service_question, 0, SERVICE_ID, RESTORE)
-    params = call.params.content.as_struct(evil.AliasedRestoreParams)
-    params.objectInfo = b"alias"
-    junk = params.init("junk", copies)
-    marker = (b"AMPLIFY!" * (blob_bytes // 8 + 1))[:blob_bytes]
+    params = call.params.content.as_struct(compute.ProcessDescription)
+    junk = params.init("args", copies)
+    marker = ("AMPLIFY!" * (blob_bytes // 8 + 1))[:blob_bytes - 1]  # + NUL: blob_bytes
     junk[0] = marker
     for i in range(1, copies):
-        junk[i] = b""
+        junk[i] = ""
     (segment,) = [bytearray(s) for s in builder.get_segments_for_output()]
-    target = segment.find(marker)
+    target = segment.find(marker.encode())
     assert target >= 0 and target % 8 == 0
     target //= 8
+    shape = blob_bytes << 3 | 2  # upper half of a list pointer: count, byte elements
     first = None
     for pos in range(len(segment) // 8):
         word = struct.unpack_from("<Q", segment, pos * 8)[0]
-        if word & 3 != 1 or (word >> 32) != (blob_bytes << 3 | 2):
+        if word & 3 != 1 or (word >> 32) != shape:
             continue
         offset = (word & 0xFFFFFFFF) >> 2
         if offset >= 1 << 29:
@@ -142,7 +122,7 @@ def aliased_restore_message(question: int, service_question: int, *, copies: int
     for i in range(1, copies):
         pos = first + i
         offset = (target - (pos + 1)) & ((1 << 30) - 1)
-        struct.pack_into("<Q", segment, pos * 8, (blob_bytes << 3 | 2) << 32 | offset << 2 | 1)
+        struct.pack_into("<Q", segment, pos * 8, shape << 32 | offset << 2 | 1)
     return frame([bytes(segment)])
 
 
