@@ -156,7 +156,9 @@ def test_accept_loops_survive_running_out_of_fds(nodes_factory) -> None:
 def test_connection_flood_and_stalled_messages_leave_memory_bounded(nodes_factory) -> None:
     # Issue 10's figures: 1,000 connections from one peer and 50 stalled partial
     # messages; node RSS grows < 64 MiB and `metac node status` still answers.
-    a, b, c = nodes_factory(3, DEMO)
+    # Long timeouts: what is held must stay held while it is measured, however slow the machine.
+    a, b, c = nodes_factory(3, DEMO, env={"METAC_RPC_MESSAGE_TIMEOUT": "600",
+                                          "METAC_RPC_IDLE_TIMEOUT": "600"})
     ref = demo(a, "make-counter", "memory")
     pid = node_pid(a)
     sockets = socket_fds(pid)
