@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import resource
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 from metac import errors
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import sd_notify
-from metac.core.rpc import serve_tcp, serve_unix
+from metac.core.rpc import ConnectionLimits, serve_tcp, serve_unix
 from metac.core.supervisor import Child, Supervisor
 from metac.node.registry import Registry
 from metac.node.servers import NodeAdminServer, NodeServer
@@ -44,6 +45,9 @@ NEEDS_ROOT: dict[str, str] = {
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 30.0  # a service that ran this long restarts with the first backoff again
+#: The soft open-files limit the node raises itself to (never above the hard
+#: limit): every TCP connection costs one fd. The systemd unit sets LimitNOFILE.
+WANT_NOFILE = 65536
 
 
 @dataclass
@@ -141,7 +145,25 @@ class ServiceRunner:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
 
+def raise_fd_limit(want: int = WANT_NOFILE) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``want`` (up to the hard limit); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
 async def run_node(config: NodeConfig) -> int:
+    limits = ConnectionLimits.from_env()  # a bad METAC_RPC_* value stops the node here
+    nofile = raise_fd_limit()
+    if nofile != resource.RLIM_INFINITY and nofile < limits.max_total + 64:
+        log.warning("open files limit %d is below METAC_RPC_MAX_CONNECTIONS (%d): connections "
+                    "beyond it wait until fds are free", nofile, limits.max_total)
     for d in (config.state_dir, config.runtime_dir):
         os.makedirs(d, mode=0o700, exist_ok=True)
     try:
@@ -175,7 +197,7 @@ async def run_node(config: NodeConfig) -> int:
         socket_path, lambda peer: NodeAdminServer(registry, public, status))
     try:
         tcp_server = await serve_tcp(config.address, config.port,
-                                     lambda peer: NodeServer(registry, address, peer))
+                                     lambda peer: NodeServer(registry, address, peer), limits)
     except OSError as exc:
         unix_server.close()
         raise errors.FailedPrecondition(
