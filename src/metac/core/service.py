@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from metac import errors
 from metac.core.client import NodePool, ref_from_struct
+from metac.core.membrane import Membranes
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import run_daemon
 from metac.core.rpc import Servant, connect_unix
@@ -61,6 +62,13 @@ class ServiceContext:
         self.handler = handler
         self.supervisor = supervisor
         self.pool = NodePool()
+        #: runtime id -> interface schema of this service's persisted objects, so that
+        #: Service.restore can serve each one through a proxy of its interface.
+        self.interfaces: dict[str, Any] = {}
+        self.membranes = Membranes(self._adopt_child)
+
+    async def _adopt_child(self, parent_key: bytes, ref: Any) -> None:
+        await self.handler.adoptChild(parent=parent_key, child=ref)
 
     async def adopt(self, cap: Any, interface: Any = None) -> Any:
         """A capability to keep: the same object, reached over our own connection.
@@ -115,6 +123,7 @@ class PersistableMixin(Servant):
         description = self._describe()  # first: Unsupported for objects that cannot persist
         if self._runtime_id is None:
             self._runtime_id = secrets.token_hex(16)
+        self._ctx.interfaces[self._runtime_id] = type(self).schema
         ref = await self._ctx.create_ref(self, description, self._runtime_id, rgroup, persistent)
         _context.results.id = ref
 
@@ -148,14 +157,25 @@ class ServiceDefinition:
 
 
 class ServiceBootstrap(Servant, core.Service.Server):
-    """Service for everybody: only restore, scoped to this service's refs."""
+    """Service for everybody: only restore, scoped to this service's refs.
 
-    def __init__(self, handler: Any) -> None:
-        self._handler = handler
+    The object is handed out through a proxy bound to the ref (core.membrane),
+    so revoking the ref cuts it and everything obtained through it."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
 
     async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
-        res = await self._handler.restore(objectInfo)
-        _context.results.obj = res.obj.as_interface(core.Persistable)
+        ctx = self._ctx
+        res = await ctx.handler.restore(objectInfo)
+        schema = ctx.interfaces.get(res.runtimeId)
+        if schema is None:
+            # Every object reaches persistence through createSturdyRef or a restorer,
+            # which both note its interface: an unknown one is not served unfenced.
+            log.warning("no interface known for a restored %s object", ctx.name)
+            raise errors.Unavailable("this object cannot be restored now; try again")
+        _context.results.obj = ctx.membranes.wrap(
+            bytes(res.refKey), bool(res.persistent), res.obj.as_interface(schema), schema)
 
 
 class RestorerServer(Servant, persistence.Restorer.Server):
@@ -177,7 +197,17 @@ class RestorerServer(Servant, persistence.Restorer.Server):
         if isinstance(obj, PersistableMixin) and description.runtimeId:
             # The same stored object: new refs and forget() find its row again.
             obj._runtime_id = description.runtimeId
+        if description.runtimeId:
+            schema = getattr(obj, "schema", None)  # a server class's or a client's interface
+            if schema is not None:
+                self._service.ctx.interfaces[description.runtimeId] = schema
         _context.results.cap = obj
+
+    async def revoke(self, refs: Any, **kwargs: Any) -> None:
+        cut = self._service.ctx.membranes.revoke([bytes(r) for r in refs])
+        if cut:
+            log.info("revocation cut %d capabilit%s handed out by %s", cut,
+                     "y" if cut == 1 else "ies", self._service.name)
 
     async def wait(self, **kwargs: Any) -> None:
         await asyncio.shield(self._closed)
@@ -205,7 +235,7 @@ async def _serve(definition: type[ServiceDefinition]) -> int:
                 restorer = RestorerServer(service)
                 restorer_holder = (await handler.registerRestorer(restorer)).holder
                 registration = (await node_admin.registerNamedService(
-                    env.name, ServiceBootstrap(handler), service.admin())).holder
+                    env.name, ServiceBootstrap(ctx), service.admin())).holder
                 log.info("service %s registered", env.name)
                 try:
                     # Returns (or fails) only when persistence goes away.
@@ -216,6 +246,7 @@ async def _serve(definition: type[ServiceDefinition]) -> int:
                 return EXIT_RESTART
             finally:
                 await service.aclose()
+                await ctx.membranes.aclose()
                 await ctx.pool.aclose()
     finally:
         await supervisor.aclose()

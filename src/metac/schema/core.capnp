@@ -25,6 +25,9 @@ interface ResourceGroup {
   name @0 () -> (name :Text);
   # Added (the paper's group has no methods): lets the persistence service
   # file a ref under the group it was given.
+  token @1 () -> (token :Data);
+  # Added: the group's secret. Persistence files a ref under a group only if
+  # the token is one it issued: a client-made object's name() proves nothing.
 }
 
 struct MetacSturdyRef {
