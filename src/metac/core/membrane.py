@@ -17,7 +17,10 @@ process).
 
 ``createSturdyRef`` called through a proxy makes a *child* of the membrane's
 ref: never more persistent than it, linked to it in the store (revoked with
-it) and counted against its quota (``adopt`` hook, persistence decides).
+it) and counted against its quota (``adopt`` hook, persistence decides). With
+``alias`` (a service adopting a capability a client handed it) the new ref is
+the same grant under a temporary name: refs made through it are children of
+the grant itself, so adopting does not cap what can be persisted.
 
 Limits: a capability that a result types only as ``Persistable`` (no concrete
 interface) is passed through unwrapped, as are AnyPointer results; capabilities
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 RELEASE_TIMEOUT = 5.0  # a Holder's release() on revocation
 REVOKED_MEMORY = 4096  # recently revoked refs remembered (a restore racing its revocation)
 
-Adopt = Callable[[bytes, Any], Awaitable[None]]
+Adopt = Callable[[bytes, Any, bool], Awaitable[None]]
 
 _HOLDER_ID = core.Holder.schema.node.id
 _PERSISTABLE_ID = core.Persistable.schema.node.id
@@ -128,8 +131,8 @@ class Membrane:
                 self._tasks.spawn(_release(target), "release a revoked holder", log_errors=True)
         return len(proxies)
 
-    async def adopt(self, ref: Any) -> None:
-        await self._adopt(self.key, ref)
+    async def adopt(self, ref: Any, alias: bool) -> None:
+        await self._adopt(self.key, ref, alias)
 
 
 async def _release(holder: Any) -> None:
@@ -196,12 +199,13 @@ class Proxy(Servant):
         target = self._live()
         params = context.params
         req = target._request("createSturdyRef")
+        alias = bool(params.alias)
         if params._has("rgroup"):
             req.rgroup = params.rgroup
-        req.persistent = bool(params.persistent) and self._membrane.persistent
+        req.persistent = bool(params.persistent) and self._membrane.persistent and not alias
         res = await req.send()
         self._live()  # revoked meanwhile: the new ref goes with it, refuse it too
-        await self._membrane.adopt(res.id)
+        await self._membrane.adopt(res.id, alias)
         context.results.id = res.id
 
 

@@ -67,8 +67,8 @@ class ServiceContext:
         self.interfaces: dict[str, Any] = {}
         self.membranes = Membranes(self._adopt_child)
 
-    async def _adopt_child(self, parent_key: bytes, ref: Any) -> None:
-        await self.handler.adoptChild(parent=parent_key, child=ref)
+    async def _adopt_child(self, parent_key: bytes, ref: Any, alias: bool) -> None:
+        await self.handler.adoptChild(parent=parent_key, child=ref, alias=alias)
 
     async def adopt(self, cap: Any, interface: Any = None) -> Any:
         """A capability to keep: the same object, reached over our own connection.
@@ -78,7 +78,7 @@ class ServiceContext:
         three-party handoff). Restoring a sturdy ref of it from its own node
         gives a direct reference that outlives the client.
         """
-        res = await cap.cast_as(core.Persistable).createSturdyRef(persistent=False)
+        res = await cap.cast_as(core.Persistable).createSturdyRef(persistent=False, alias=True)
         return await self.pool.restore(ref_from_struct(res.id), interface)
 
     def node_address(self) -> Any:
@@ -94,6 +94,9 @@ class ServiceContext:
     async def create_ref(self, obj: Any, desc: Description, runtime_id: str,
                          group: Any, persistent: bool) -> Any:
         """Ask persistence for a sturdy ref to ``obj`` (a server object of this service)."""
+        schema = getattr(obj, "schema", None)  # a server class's or a typed client's interface
+        if schema is not None:
+            self.interfaces[runtime_id] = schema
         msg = persistence.CapDescription.new_message()
         msg.runtimeId = runtime_id
         msg.category = desc.category
@@ -102,8 +105,12 @@ class ServiceContext:
         caps = msg.init("caps", len(desc.caps))
         for i, cap in enumerate(desc.caps):
             caps[i] = cap
-        res = await self.handler.createSturdyRef(group=group, description=msg,
-                                                 persistent=persistent, cap=obj)
+        if group is None:
+            res = await self.handler.createSturdyRef(description=msg, persistent=persistent,
+                                                     cap=obj)
+        else:
+            res = await self.handler.createSturdyRef(group=group, description=msg,
+                                                     persistent=persistent, cap=obj)
         return res.ref
 
 
@@ -123,7 +130,8 @@ class PersistableMixin(Servant):
         description = self._describe()  # first: Unsupported for objects that cannot persist
         if self._runtime_id is None:
             self._runtime_id = secrets.token_hex(16)
-        self._ctx.interfaces[self._runtime_id] = type(self).schema
+        if not _context.params._has("rgroup"):
+            rgroup = None  # unset: pycapnp hands a null client in
         ref = await self._ctx.create_ref(self, description, self._runtime_id, rgroup, persistent)
         _context.results.id = ref
 

@@ -63,7 +63,7 @@ def check_mount_point(path: str) -> str:
 
 async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, Any, SturdyRef]:
     """(our own object or None, a capability over our connection, its ref) for ``cap``."""
-    res = await cap.cast_as(interface).createSturdyRef(persistent=False)
+    res = await cap.cast_as(interface).createSturdyRef(persistent=False, alias=True)
     ref = ref_from_struct(res.id)
     local = exports.local_object(ref.secret_bytes)
     restored = await ctx.pool.restore(ref, interface)

@@ -94,7 +94,9 @@ async def adopt(net: Net, cap: Any, *, persistent: bool) -> tuple[SturdyRef | No
     """
     try:
         res = await asyncio.wait_for(
-            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent), CALL_TIMEOUT)
+            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent,
+                                                          alias=not persistent),
+            CALL_TIMEOUT)
     except Exception as exc:
         log.info("cannot make a ref of the other interface (%s); keeping the capability",
                  errors.from_kj(exc))

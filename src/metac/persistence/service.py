@@ -181,20 +181,22 @@ class Persistence:
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
         return row, await self.live_object(row.object_id)
 
-    def adopt_child(self, service: str, parent: bytes, child: Any) -> None:
+    def adopt_child(self, service: str, parent: bytes, child: Any, alias: bool) -> None:
         ref = ref_from_struct(child)
         if ref.service != service or not self.is_local(ref):
             return  # minted elsewhere: that node's own membranes govern it
         digest = secret_hash(ref.secret_bytes)
-        if self.store.lookup(parent) is None:
+        grant = self.store.grant_of(parent)  # through an alias: its grant
+        if grant is None:
             self.revoked(*self.store.delete_ref(digest)[1:])
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+        parent = grant
         if self.store.count_children(parent) >= self.child_quota:
             self.revoked(*self.store.delete_ref(digest)[1:])
             raise errors.PermissionDenied(
                 f"this ref already has {self.child_quota} refs made through it "
                 "(the node's METAC_REF_CHILD_QUOTA)")
-        if not self.store.set_parent(digest, parent):
+        if not self.store.set_parent(digest, parent, alias=alias):
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
 
     async def live_object(self, object_id: int, timeout: float = RESTORER_WAIT) -> Any:
@@ -342,6 +344,8 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
 
     async def createSturdyRef(self, group: Any, description: Any, persistent: bool, cap: Any,
                               _context: Any, **kwargs: Any) -> None:
+        if not _context.params._has("group"):
+            group = None  # pycapnp hands an unset capability in as a null client
         _context.results.ref = await self._state.create_ref(
             self._service, group, description, persistent, cap)
 
@@ -351,11 +355,11 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
         results = _context.results
         results.obj = obj
         results.refKey = secret_hash(secret)
-        results.persistent = row.persistent
+        results.persistent = row.ceiling
         results.runtimeId = row.runtime_id
 
-    async def adoptChild(self, parent: bytes, child: Any, **kwargs: Any) -> None:
-        self._state.adopt_child(self._service, bytes(parent), child)
+    async def adoptChild(self, parent: bytes, child: Any, alias: bool, **kwargs: Any) -> None:
+        self._state.adopt_child(self._service, bytes(parent), child, bool(alias))
 
     async def forget(self, runtimeId: str, **kwargs: Any) -> int:
         revoked, dropped = self._state.store.delete_object(self._service, runtimeId)

@@ -47,8 +47,13 @@ CREATE INDEX IF NOT EXISTS refs_short ON refs (short_id);
 CREATE INDEX IF NOT EXISTS refs_group ON refs (group_id);
 """
 
-# Added later: stores made before have no parent column (see Store.__init__).
-PARENT_COLUMN = "ALTER TABLE refs ADD COLUMN parent BLOB"
+# Added later: stores made before have no parent/alias columns (see Store.__init__).
+# parent: hash of the ref this one was minted through; alias: 1 for a temporary
+# name of the parent grant (a service adopting a capability), never persistent.
+NEW_COLUMNS = {
+    "parent": "ALTER TABLE refs ADD COLUMN parent BLOB",
+    "alias": "ALTER TABLE refs ADD COLUMN alias INTEGER NOT NULL DEFAULT 0",
+}
 PARENT_INDEX = "CREATE INDEX IF NOT EXISTS refs_parent ON refs (parent)"
 
 # The refs rooted at the seed rows (a SELECT of hashes), with their descendants.
@@ -92,6 +97,9 @@ class RefRow:
     group: str
     parent: str = ""  # short id of the parent ref, "" for a ref the admin made
     runtime_id: str = ""
+    #: may refs made through this one be persistent (an alias: as its grant)
+    ceiling: bool = False
+    alias: bool = False
 
 
 #: (stored hash, service) of each ref a deletion revoked
@@ -106,8 +114,9 @@ class Store:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(refs)").fetchall()}
-        if "parent" not in columns:
-            self.db.execute(PARENT_COLUMN)
+        for column, sql in NEW_COLUMNS.items():
+            if column not in columns:
+                self.db.execute(sql)
         self.db.execute(PARENT_INDEX)
         self.instance = instance
 
@@ -187,14 +196,16 @@ class Store:
 
     _REF_SELECT = (
         "SELECT r.short_id, r.object_id, o.service, o.category, r.persistent, r.created,"
-        " COALESCE(g.name, ''), COALESCE(p.short_id, ''), o.runtime_id"
+        " COALESCE(g.name, ''), COALESCE(p.short_id, ''), o.runtime_id,"
+        " CASE WHEN r.alias THEN COALESCE(p.persistent, 0) ELSE r.persistent END, r.alias"
         " FROM refs r JOIN objects o ON o.id = r.object_id"
         " LEFT JOIN groups g ON g.id = r.group_id LEFT JOIN refs p ON p.hash = r.parent"
     )
 
     @staticmethod
     def _row(r: tuple) -> RefRow:  # type: ignore[type-arg]
-        return RefRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], r[8])
+        return RefRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], r[8], bool(r[9]),
+                      bool(r[10]))
 
     def lookup(self, digest: bytes) -> RefRow | None:
         row = self.db.execute(self._REF_SELECT + " WHERE r.hash = ?", (digest,)).fetchone()
@@ -208,17 +219,26 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM refs WHERE parent = ?",
                                    (parent,)).fetchone()[0])
 
-    def set_parent(self, digest: bytes, parent: bytes) -> bool:
-        """Make ``digest`` a child of ``parent``, never more persistent than it.
-        False if either is unknown."""
+    def grant_of(self, digest: bytes) -> bytes | None:
+        """The grant a ref stands for: itself, or for an alias its parent. None if unknown."""
+        row = self.db.execute("SELECT alias, parent FROM refs WHERE hash = ?",
+                              (digest,)).fetchone()
+        if row is None:
+            return None
+        return bytes(row[1]) if row[0] and row[1] is not None else digest
+
+    def set_parent(self, digest: bytes, parent: bytes, *, alias: bool = False) -> bool:
+        """Make ``digest`` a child of ``parent`` (a grant, not an alias), never more
+        persistent than it; an alias is never persistent. False if either is unknown."""
         with self._transaction():
             row = self.db.execute("SELECT persistent FROM refs WHERE hash = ?",
                                   (parent,)).fetchone()
             if row is None:
                 return False
             n = self.db.execute(
-                "UPDATE refs SET parent = ?, persistent = persistent AND ? WHERE hash = ?",
-                (parent, row[0], digest)).rowcount
+                "UPDATE refs SET parent = ?, persistent = persistent AND ? AND ?, alias = ?"
+                " WHERE hash = ?",
+                (parent, row[0], int(not alias), int(alias), digest)).rowcount
         return n == 1
 
     def find_by_short_id(self, short: str) -> list[bytes]:

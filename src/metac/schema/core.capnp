@@ -40,7 +40,13 @@ struct MetacSturdyRef {
 }
 
 interface Persistable {
-  createSturdyRef @0 (rgroup :ResourceGroup, persistent :Bool) -> (id :MetacSturdyRef);
+  createSturdyRef @0 (rgroup :ResourceGroup, persistent :Bool, alias :Bool)
+      -> (id :MetacSturdyRef);
+  # alias (added): for a service that reaches a capability handed to it over
+  # its own connection (it restores the new ref at once). On a capability
+  # restored from a ref R, the new ref is then R under a temporary name: never
+  # persistent, revoked with R, and refs made through it are R's children.
+  # Without alias such a ref is a child of R (see persistence.adoptChild).
 }
 
 interface Waitable {

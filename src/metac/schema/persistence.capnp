@@ -44,7 +44,7 @@ interface ServicePersistenceHandler {
   # Added: restore a ref of this handler's service (used by Service.restore).
   # refKey names the ref (its stored hash, never the secret) for `adoptChild`
   # and `Restorer.revoke`; runtimeId names the object.
-  adoptChild @5 (parent :Data, child :Core.MetacSturdyRef);
+  adoptChild @5 (parent :Data, child :Core.MetacSturdyRef, alias :Bool);
   # Added: `child`, just minted through a capability restored from the ref
   # `parent` (a refKey), becomes its child: revoked with it, never more
   # persistent, counted against its quota (PermissionDenied past it; the
