@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import weakref
 from typing import Any
 
 from metac import errors
@@ -101,6 +102,7 @@ class _ActionHolder(PersistableMixin, HolderServer):
         self._state = state
         self._runtime_id = session_id
         self.session = session
+        session.on_revoked = weakref.WeakMethod(self.close)
         #: Made persistent (in this run, or restored); `metac fs ls` shows it.
         self.persistent = persistent
         table[session_id] = self

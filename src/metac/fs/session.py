@@ -9,6 +9,11 @@ After ``start`` a watcher waits for the connection to break. A persistent
 session (one with a ``target``, a persistent ref of what it uses) then restores
 the target anew from its node and connects again, with backoff, until it is
 closed; a non-persistent one stays disconnected until it is closed.
+
+Either way, if the serving node answers that the grant was revoked (NotFound
+from the capability, or from restoring the target), the session releases its
+holder (``on_revoked``): the mount or attachment goes away for good instead of
+waiting as a placeholder for a ref that cannot come back.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 15.0
+PROBE_TIMEOUT = 5.0  # asking the serving node whether the grant still exists
 
 
 class Session:
@@ -48,6 +55,8 @@ class Session:
         self.status = "connecting"
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
+        #: Releases the session's holder (set by it, a weak method: no cycle).
+        self.on_revoked: weakref.WeakMethod[Any] | None = None
 
     @property
     def persistent(self) -> bool:
@@ -130,11 +139,19 @@ class Session:
                 log.warning("%s (%s) lost its connection", self.what, self.source)
                 self.status = "disconnected"
                 await self._lost()
+                if await self._grant_revoked():
+                    self._release_revoked()
+                    return
             if self.target is None:
                 return  # stays disconnected until closed
             connected = False
             try:
-                self.cap = await self.state.ctx.pool.restore(self.target, self.INTERFACE)
+                try:
+                    self.cap = await self.state.ctx.pool.restore(self.target, self.INTERFACE)
+                except errors.NotFound:
+                    await self._lost()
+                    self._release_revoked()
+                    return
                 await self._connect()
                 connected = True
                 backoff = BACKOFF_FIRST
@@ -146,6 +163,25 @@ class Session:
                 await self._lost()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _grant_revoked(self) -> bool:
+        """Did the serving node revoke what we use (rather than go away)?"""
+        if self.cap is None:
+            return False
+        try:
+            await asyncio.wait_for(self.cap.cast_as(self.INTERFACE).info(), PROBE_TIMEOUT)
+        except errors.NotFound:
+            return True
+        except Exception as exc:
+            return isinstance(errors.from_kj(exc), errors.NotFound)
+        return False
+
+    def _release_revoked(self) -> None:
+        log.warning("%s (%s): its ref was revoked; releasing it", self.what, self.source)
+        release = self.on_revoked() if self.on_revoked is not None else None
+        if release is not None:
+            # Not awaited here: releasing closes this session, which cancels this watcher.
+            self.state.streams.spawn(release(), f"release revoked {self.what}")
 
     async def close(self) -> None:
         """Undo it for good and forget the record."""
