@@ -373,3 +373,27 @@ def test_made_up_groups_are_refused(nodes_factory) -> None:
     # revokes what was filed in it.
     assert a.metac("ref", "group", "rm", "prod").stdout.strip() == \
         "dropped group prod, revoked 0 ref(s)"
+
+
+def test_net_bind_of_a_revoked_ref_ends(nodes_factory) -> None:
+    from test_net_bind import bind_new, container, links_of, net_ls, ping_ok, pings
+
+    a, b = nodes_factory(2)
+    ca = container(a, "ca", dev="port0", addr="192.168.77.1")
+    before = links_of(a, b)
+    ref = a.metac("net", "export", "local:port0").stdout.strip()
+    bind = bind_new(b, ref, "remote0", "192.168.77.2")
+    try:
+        ping_ok(ca, "192.168.77.2")
+        a.metac("ref", "rm", ref)
+        t0 = time.monotonic()
+        eventually(lambda: net_ls(a)["binds"] == [], 30, "A to drop its end of the bind")
+        assert time.monotonic() - t0 < CUT_WITHIN
+        assert not pings(ca, "192.168.77.2", 2)
+        # B learns the ref is gone for good: its bind ends and what it made goes.
+        eventually(lambda: net_ls(b)["binds"] == [], 30, "B to end its bind")
+        eventually(lambda: links_of(a, b) == before, 30, "links back to what they were")
+    finally:
+        if bind.poll() is None:
+            bind.terminate()
+        bind.communicate(timeout=30)

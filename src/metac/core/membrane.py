@@ -22,6 +22,13 @@ it) and counted against its quota (``adopt`` hook, persistence decides). With
 the same grant under a temporary name: refs made through it are children of
 the grant itself, so adopting does not cap what can be persisted.
 
+A result field's type may be a base of what the object really is (a
+``Holder`` field carrying a ``WaitableHolder``), and pycapnp cannot tell the
+real type of a capability. A proxy therefore serves the most derived interface
+of the protocol that extends the declared one, when those form a single chain
+(``Holder`` -> ``WaitableHolder``, ``L2Interface`` -> ``KernelInterface``); a
+method the real object lacks answers ``Unsupported``, as it would unproxied.
+
 Limits: a capability that a result types only as ``Persistable`` (no concrete
 interface) is passed through unwrapped, as are AnyPointer results; capabilities
 that a client passes *in* are not wrapped (they are the client's own).
@@ -34,6 +41,7 @@ import collections
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import Any
 
 import capnp
@@ -41,6 +49,7 @@ import capnp
 from metac import errors
 from metac.core.rpc import Servant
 from metac.core.tasks import TaskSet
+from metac.schema import load as schemas
 from metac.schema.load import core
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,45 @@ Adopt = Callable[[bytes, Any, bool], Awaitable[None]]
 
 _HOLDER_ID = core.Holder.schema.node.id
 _PERSISTABLE_ID = core.Persistable.schema.node.id
+
+
+_WIDEST: dict[int, Any] = {}
+
+
+def _ancestors(schema: Any) -> set[int]:
+    out: set[int] = set()
+    for parent in schema.superclasses:
+        out.add(parent.node.id)
+        out |= _ancestors(parent)
+    return out
+
+
+def _protocol_interfaces() -> list[Any]:
+    """Every interface of the schema modules metac loads."""
+    found = []
+    for module in vars(schemas).values():
+        if isinstance(module, ModuleType):
+            found += [v.schema for v in vars(module).values()
+                      if isinstance(v, capnp.lib.capnp._InterfaceModule)]
+    return found
+
+
+def widest(schema: Any) -> Any:
+    """The most derived protocol interface extending ``schema`` if they form one chain,
+    else ``schema`` itself."""
+    sid = schema.node.id
+    cached = _WIDEST.get(sid)
+    if cached is not None:
+        return cached
+    subs = [s for s in _protocol_interfaces() if sid in _ancestors(s)]
+    result = schema
+    if subs:
+        deepest = max(subs, key=lambda s: len(_ancestors(s)))
+        chain = _ancestors(deepest) | {deepest.node.id}
+        if all(s.node.id in chain for s in subs):
+            result = deepest
+    _WIDEST[sid] = result
+    return result
 
 
 def _is_holder(schema: Any) -> bool:
@@ -116,7 +164,10 @@ class Membrane:
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
         if schema.node.id == _PERSISTABLE_ID:
             return cap  # no concrete interface to serve (see the module's limits)
-        proxy = proxy_class(schema)(cap, self)
+        served = widest(schema)
+        if served is not schema:
+            cap = cap.cast_as(served)
+        proxy = proxy_class(served)(cap, self)
         self._proxies.add(proxy)
         return proxy
 
