@@ -296,11 +296,16 @@ def test_mount_of_a_revoked_ref_stops_and_leaves_nothing(nodes_factory, tmp_path
         (export / "f").write_text("shared")
         ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
         before = snapshot(a, b)
+        export_id = short_id(a, ref)
+        # The ref a mount makes on A to reach the export (an alias of the export's ref) is
+        # a child of the export's ref, and an unmount drops it.
+        b.metac("fs", "mount", ref, str(mnt))
+        assert [r["parent"] for r in refs(a) if r["id"] != export_id] == [export_id]
+        b.metac("fs", "umount", str(mnt))
+        assert [r["id"] for r in refs(a)] == [export_id]
+
         b.metac("fs", "mount", ref, str(mnt))
         assert (mnt / "f").read_text() == "shared"
-        # The ref the mount made on A to reach the export is a child of the export's ref.
-        export_id = short_id(a, ref)
-        assert [r["parent"] for r in refs(a) if r["id"] != export_id] == [export_id]
 
         a.metac("ref", "rm", ref)
         t0 = time.monotonic()

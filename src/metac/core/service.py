@@ -185,6 +185,9 @@ class ServiceBootstrap(Servant, core.Service.Server):
         _context.results.obj = ctx.membranes.wrap(
             bytes(res.refKey), bool(res.persistent), res.obj.as_interface(schema), schema)
 
+    async def dropAlias(self, objectInfo: bytes, **kwargs: Any) -> None:
+        await self._ctx.handler.dropAlias(objectInfo)
+
 
 class RestorerServer(Servant, persistence.Restorer.Server):
     def __init__(self, service: ServiceDefinition) -> None:

@@ -71,6 +71,16 @@ async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, An
     return local, restored, ref
 
 
+async def _start(session: Any, alias: SturdyRef) -> None:
+    """Start a session on an adopted capability; its alias ref goes when it ends."""
+    session.alias = alias
+    try:
+        await session.start()
+    except BaseException:
+        await session.drop_alias()
+        raise
+
+
 class _ActionHolder(PersistableMixin, HolderServer):
     """The holder of a mount or attachment (a ``Session``).
 
@@ -232,7 +242,7 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         session = MountSession(state, mount_id=state.new_id(), path=path, method=method,
                                read_only=read_only, fs_cap=cap, local=local,
                                source="local" if local is not None else shown_node(ref))
-        await session.start()
+        await _start(session, ref)
         return MountHolder(state, session, keep=keep)
 
     async def listMounts(self, _context: Any, **kwargs: Any) -> None:
@@ -253,7 +263,7 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
         _, cap, ref = await _adopt(state.ctx, device, fs_schema.BlockDevice)
         session = Attachment(state, attach_id=state.new_id(), read_only=bool(options.readOnly),
                              mount_path=mount_path, device_cap=cap, source=shown_node(ref))
-        await session.start()
+        await _start(session, ref)
         _context.results.path = session.device
         _context.results.holder = AttachHolder(state, session, keep=bool(options.keep))
 

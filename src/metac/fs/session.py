@@ -51,6 +51,8 @@ class Session:
         self.cap = cap
         self.source = source
         self.target = target  # persistent ref of what is used: set when persistent
+        #: The alias ref made on the serving node to reach ``cap``; dropped on close.
+        self.alias: SturdyRef | None = None
         self.method = ""
         self.status = "connecting"
         self._watcher: asyncio.Task[None] | None = None
@@ -164,6 +166,16 @@ class Session:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
+    async def drop_alias(self) -> None:
+        alias, self.alias = self.alias, None
+        if alias is None:
+            return
+        try:
+            await asyncio.wait_for(self.state.ctx.pool.drop_alias(alias), PROBE_TIMEOUT)
+        except Exception as exc:  # gone already (revoked, node restarted) or unreachable
+            log.info("%s: the alias ref on %s was not dropped (%s)", self.what, self.source,
+                     errors.from_kj(exc) if not isinstance(exc, TimeoutError) else "timeout")
+
     async def _grant_revoked(self) -> bool:
         """Did the serving node revoke what we use (rather than go away)?"""
         if self.cap is None:
@@ -192,6 +204,7 @@ class Session:
             await asyncio.gather(watcher, return_exceptions=True)
         await self._teardown()
         await self._released()
+        await self.drop_alias()
         self.status = "released"
         self._drop_record()
         log.info("released %s (%s)", self.what, self.source)

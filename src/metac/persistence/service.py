@@ -9,7 +9,8 @@ Every revocation (``deleteRef``, ``dropGroup``, ``forget``, a parent's) is told
 to the services whose refs went (``Restorer.revoke``), which cut what they
 handed out through them (core.membrane). A ref minted through another one is
 its child (``adoptChild``); ``METAC_REF_CHILD_QUOTA`` (default 1000) bounds the
-children of one ref. Resource groups are checked by the secret token of the
+children of one ref, and ten times as many aliases (refs services make to adopt
+a capability; they are dropped when the adopting action ends). Resource groups are checked by the secret token of the
 group object this service issued, never by the name a caller's object gives.
 """
 
@@ -46,6 +47,7 @@ ACTIVE_RETRY_MAX = 60.0  # active objects are retried for as long as their servi
 GROUP_TIMEOUT = 5.0  # a resource group handed in must answer token() within this
 NOTIFY_TIMEOUT = 5.0  # a service must take a revocation notice within this
 CHILD_QUOTA_DEFAULT = 1000
+ALIAS_FACTOR = 10  # aliases a ref may have, per child it may have
 
 
 def child_quota() -> int:
@@ -191,11 +193,12 @@ class Persistence:
             self.revoked(*self.store.delete_ref(digest)[1:])
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
         parent = grant
-        if self.store.count_children(parent) >= self.child_quota:
+        quota = self.child_quota * (ALIAS_FACTOR if alias else 1)
+        if self.store.count_children(parent, alias=alias) >= quota:
             self.revoked(*self.store.delete_ref(digest)[1:])
             raise errors.PermissionDenied(
-                f"this ref already has {self.child_quota} refs made through it "
-                "(the node's METAC_REF_CHILD_QUOTA)")
+                f"this ref already has {quota} {'aliases' if alias else 'refs'} made through "
+                "it (the node's METAC_REF_CHILD_QUOTA)")
         if not self.store.set_parent(digest, parent, alias=alias):
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
 
@@ -357,6 +360,14 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
         results.refKey = secret_hash(secret)
         results.persistent = row.ceiling
         results.runtimeId = row.runtime_id
+
+    async def dropAlias(self, objectInfo: bytes, **kwargs: Any) -> None:
+        state = self._state
+        digest = secret_hash(bytes(objectInfo))
+        row = state.store.lookup(digest)
+        if row is None or row.service != self._service or not row.alias:
+            raise errors.NotFound("no such alias (unknown or revoked)")
+        state.revoked(*state.store.delete_ref(digest)[1:])
 
     async def adoptChild(self, parent: bytes, child: Any, alias: bool, **kwargs: Any) -> None:
         self._state.adopt_child(self._service, bytes(parent), child, bool(alias))

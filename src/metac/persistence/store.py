@@ -215,9 +215,10 @@ class Store:
         rows = self.db.execute(self._REF_SELECT + " ORDER BY r.created").fetchall()
         return [self._row(r) for r in rows]
 
-    def count_children(self, parent: bytes) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM refs WHERE parent = ?",
-                                   (parent,)).fetchone()[0])
+    def count_children(self, parent: bytes, *, alias: bool = False) -> int:
+        """Children of ``parent`` (its aliases with ``alias``)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM refs WHERE parent = ? AND alias = ?",
+                                   (parent, int(alias))).fetchone()[0])
 
     def grant_of(self, digest: bytes) -> bytes | None:
         """The grant a ref stands for: itself, or for an alias its parent. None if unknown."""

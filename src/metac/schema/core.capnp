@@ -63,6 +63,10 @@ interface Service {
   # Unprivileged bootstrap interface of a service.
   restore @0 (objectInfo :Data) -> (obj :AnyPointer);
   # objectInfo is Data for the same reason as in MetacSturdyRef.
+  dropAlias @1 (objectInfo :Data);
+  # Added: revoke an alias (Persistable.createSturdyRef with alias) that its
+  # holder no longer needs, e.g. when the mount that made it is released.
+  # Any other ref: NotFound.
 }
 
 interface ServiceAdmin {

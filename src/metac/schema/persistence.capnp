@@ -49,6 +49,8 @@ interface ServicePersistenceHandler {
   # `parent` (a refKey), becomes its child: revoked with it, never more
   # persistent, counted against its quota (PermissionDenied past it; the
   # child is then revoked). A child of another node or service is left alone.
+  dropAlias @6 (objectInfo :Data);
+  # Added: Service.dropAlias of this handler's service.
   forget @4 (runtimeId :Text) -> (revoked :UInt32);
   # Added: revoke every ref of this service's object with that runtime id
   # (an action undone by its owner, e.g. `metac fs umount` of a persistent
