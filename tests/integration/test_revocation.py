@@ -325,6 +325,54 @@ def test_mount_of_a_revoked_ref_stops_and_leaves_nothing(nodes_factory, tmp_path
             (b.state_dir / "logs" / "node.service-fs.log").read_text()
 
 
+TALKER_SERVER = textwrap.dedent("""
+    import asyncio, json, sys
+
+    async def handle(reader, writer):
+        print(json.dumps("open"), flush=True)
+        try:
+            while True:
+                writer.write(b"tick")
+                await writer.drain()
+                if not await reader.read(1 << 16):
+                    break
+                await asyncio.sleep(0.1)
+        except ConnectionError:
+            pass
+        writer.close()
+        print(json.dumps("closed"), flush=True)
+
+    async def main(port):
+        await asyncio.start_server(handle, "127.0.0.1", port)
+        print(json.dumps("ready"), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main(int(sys.argv[1])))
+""")
+
+
+def test_stream_bind_through_a_revoked_ref_stops(nodes_factory, programs) -> None:
+    a, b = nodes_factory(2)
+    echo = start(programs, a, ECHO_SERVER, "7000")
+    talker = start(programs, b, TALKER_SERVER, "7000")
+    assert echo.next() == talker.next() == "ready"
+    ref_a = a.metac("stream", "export", "tcp:127.0.0.1:7000").stdout.strip()
+    ref_b = b.metac("stream", "export", "tcp:127.0.0.1:7000").stdout.strip()
+    bind_ref = b.metac("stream", "bind", ref_a, ref_b).stdout.strip()
+    assert echo.next() == talker.next() == "open"  # ticks go round
+    # The bind's ref was made through ref_a: a child of it, on A.
+    ref_a_id = short_id(a, ref_a)
+    bind_row = {r["id"]: r for r in refs(a)}[short_id(a, bind_ref)]
+    assert bind_row["parent"] == ref_a_id
+
+    a.metac("ref", "rm", ref_a)
+    assert echo.next(CUT_WITHIN) == "closed"
+    assert talker.next(CUT_WITHIN) == "closed"
+    assert ref_a_id not in {r["id"] for r in refs(a)}
+    gone = a.metac("ref", "rm", bind_ref, check=False)
+    assert gone.returncode == 3 and "NotFound" in gone.stderr  # went with ref_a
+
+
 # --------------------------------------------------------------------------- item 6
 
 
