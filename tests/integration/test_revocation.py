@@ -406,11 +406,12 @@ def test_children_per_grant_are_bounded(nodes_factory) -> None:
 # --------------------------------------------------------------------------- item 7
 
 
-def test_made_up_groups_are_refused(nodes_factory) -> None:
+def test_made_up_groups_are_refused(nodes_factory, programs) -> None:
     a, b = nodes_factory(2, DEMO)
     a.metac("ref", "group", "create", "prod")
-    ref = demo(a, "make-counter", "g", "--persistent").stdout.strip()
+    ref = demo(a, "make-counter", "g", "--persistent", "--group", "prod").stdout.strip()
     before = refs(a)
+    assert [r["group"] for r in before] == ["prod"]
 
     named = holder(b, "group", ref, "prod", "answer")
     assert named["error"] == "PermissionDenied", named
@@ -422,10 +423,15 @@ def test_made_up_groups_are_refused(nodes_factory) -> None:
     hung = holder(b, "group", ref, "prod", "hang")
     assert hung["error"] == "PermissionDenied" and "did not answer" in hung["message"], hung
     assert refs(a) == before
-    # The admin's own group still works (the CLI's `ref group` path), and dropping it
-    # revokes what was filed in it.
+
+    # Dropping the admin's group cuts a live user of a ref filed in it.
+    live = start(programs, b, HOLDER, "hold", ref)
+    assert live.next() == 1
     assert a.metac("ref", "group", "rm", "prod").stdout.strip() == \
-        "dropped group prod, revoked 0 ref(s)"
+        "dropped group prod, revoked 1 ref(s)"
+    live.go()
+    cut = live.next()
+    assert cut["error"] == "NotFound" and cut["seconds"] < CUT_WITHIN, cut
 
 
 def test_net_bind_of_a_revoked_ref_ends(nodes_factory) -> None:
