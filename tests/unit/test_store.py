@@ -382,3 +382,18 @@ def test_an_old_store_gains_the_parent_column(db_path: str) -> None:
         assert store.lookup(digest).parent == ""  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+def test_nested_refs_go_with_their_object(store: Store) -> None:
+    holder_obj, inner_obj = add_object(store), add_object(store)
+    outer, nested, other = new_digest(), new_digest(), new_digest()
+    store.add_ref(nested, inner_obj, True, None)
+    store.add_ref(other, inner_obj, True, None)
+    store.add_ref(outer, holder_obj, False, None)
+    store.add_nested(holder_obj, [nested])
+    info, revoked, dropped = store.delete_ref(outer)
+    assert info is not None
+    assert sorted(d for d, _ in revoked) == sorted([outer, nested])
+    assert dropped == [holder_obj]
+    assert store.lookup(other) is not None and store.object_exists(inner_obj)
+    assert count(store, "nested") == 0

@@ -304,12 +304,16 @@ class Persistence:
         nested = []
         for sub in description.caps:
             res = await sub.createSturdyRef(persistent=True)
-            nested.append(ref_from_struct(res.id).format())
-        sealed = seal(self.key, json.dumps(nested).encode()) if nested else None
+            nested.append(ref_from_struct(res.id))
+        sealed = seal(self.key, json.dumps([r.format() for r in nested]).encode()) \
+            if nested else None
         runtime_id = description.runtimeId or secrets.token_hex(16)
         object_id = self.store.upsert_object(
             service, description.category, runtime_id, bytes(description.description), sealed,
             description.active)
+        # This node's nested refs go when the object goes (they exist only for it).
+        self.store.add_nested(object_id, [secret_hash(r.secret_bytes) for r in nested
+                                          if self.is_local(r)])
         secret = secrets.token_bytes(SECRET_BYTES)
         self.store.add_ref(secret_hash(secret), object_id, persistent, group_id)
         self.live[object_id] = cap.as_interface(core.Persistable)

@@ -9,6 +9,8 @@ A ref minted by a holder through another ref (not by the admin) names that ref
 in ``parent``: deleting a ref deletes its descendants too (transitively), so
 every deletion returns the refs it revoked, (hash, service) pairs, for
 persistence to tell the services (who then cut what they handed out).
+``nested`` names the refs of this node that an object's description holds
+(sealed): they are revoked when the object goes, so they never outlive it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ CREATE TABLE IF NOT EXISTS refs (
 CREATE INDEX IF NOT EXISTS refs_object ON refs (object_id);
 CREATE INDEX IF NOT EXISTS refs_short ON refs (short_id);
 CREATE INDEX IF NOT EXISTS refs_group ON refs (group_id);
+CREATE TABLE IF NOT EXISTS nested (
+    object_id INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (object_id, hash));
 """
 
 # Added later: stores made before have no parent/alias columns (see Store.__init__).
@@ -150,7 +156,22 @@ class Store:
             args).fetchall()
         revoked = [(bytes(r[0]), r[1]) for r in rows]
         self.db.executemany("DELETE FROM refs WHERE hash = ?", [(h,) for h, _ in revoked])
-        return revoked, self._drop_orphans()
+        dropped = self._drop_orphans()
+        # Objects gone: so are the refs their descriptions held (and what that orphans,
+        # by the same recursion; every step deletes rows, so it ends).
+        for digest in self._nested_of(dropped):
+            more, more_dropped = self._delete_tree("SELECT ?", (digest,))
+            revoked += more
+            dropped += more_dropped
+        return revoked, dropped
+
+    def _nested_of(self, object_ids: list[int]) -> list[bytes]:
+        out: list[bytes] = []
+        for oid in object_ids:
+            out += [bytes(r[0]) for r in self.db.execute(
+                "SELECT hash FROM nested WHERE object_id = ?", (oid,)).fetchall()]
+            self.db.execute("DELETE FROM nested WHERE object_id = ?", (oid,))
+        return out
 
     def _drop_orphans(self) -> list[int]:
         rows = self.db.execute(
@@ -158,6 +179,12 @@ class Store:
         ids = [r[0] for r in rows]
         self.db.executemany("DELETE FROM objects WHERE id = ?", [(i,) for i in ids])
         return ids
+
+    def add_nested(self, object_id: int, digests: list[bytes]) -> None:
+        """Refs of this node that the object's description holds (see the module doc)."""
+        with self._transaction():
+            self.db.executemany("INSERT OR IGNORE INTO nested (object_id, hash) VALUES (?, ?)",
+                                [(object_id, d) for d in digests])
 
     def upsert_object(self, service: str, category: str, runtime_id: str, description: bytes,
                       sealed_caps: bytes | None, active: bool) -> int:
