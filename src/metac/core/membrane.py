@@ -122,7 +122,10 @@ def _type_has_caps(schema_field: Any, seen: set[int]) -> bool:
 
 
 def _list_has_caps(list_schema: Any, seen: set[int]) -> bool:
-    element = list_schema.elementType
+    try:
+        element = list_schema.elementType
+    except capnp.KjException:
+        return False  # pycapnp has no schema object for primitive, Text or Data elements
     if isinstance(element, capnp.lib.capnp._InterfaceSchema):
         return True
     if isinstance(element, capnp.lib.capnp._StructSchema):
