@@ -161,11 +161,13 @@ class Membrane:
         self._tasks = tasks
         self._proxies: weakref.WeakSet[Proxy] = weakref.WeakSet()
 
-    def wrap(self, cap: Any, schema: Any) -> Any:
-        """A proxy of ``cap`` (a client of interface ``schema``) under this membrane."""
+    def wrap(self, cap: Any, schema: Any, *, root: bool = False) -> Any:
+        """A proxy of ``cap`` (a client of interface ``schema``) under this membrane.
+        The ref's own object (``root``) is always proxied, if need be as a bare
+        Persistable: it is never handed out unfenced."""
         if self.revoked:
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
-        if schema.node.id == _PERSISTABLE_ID:
+        if schema.node.id == _PERSISTABLE_ID and not root:
             return cap  # no concrete interface to serve (see the module's limits)
         served = widest(schema)
         if served is not schema:
@@ -330,12 +332,16 @@ class Membranes:
         self.tasks = TaskSet()
 
     def wrap(self, key: bytes, persistent: bool, cap: Any, schema: Any) -> Any:
+        """The proxy of a ref's own object (``key``: the ref's stored hash)."""
         if key in self._revoked:
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
         membrane = self._by_key.get(key)
         if membrane is None:
             membrane = self._by_key[key] = Membrane(key, persistent, self._adopt, self.tasks)
-        return membrane.wrap(cap, schema)
+        if schema.node.id == _PERSISTABLE_ID:
+            log.warning("a restored object has no concrete interface; it is served as a "
+                        "bare Persistable")
+        return membrane.wrap(cap, schema, root=True)
 
     def revoke(self, keys: list[bytes]) -> int:
         cut = 0
