@@ -10,8 +10,9 @@ to the services whose refs went (``Restorer.revoke``), which cut what they
 handed out through them (core.membrane). A ref minted through another one is
 its child (``adoptChild``); ``METAC_REF_CHILD_QUOTA`` (default 1000) bounds the
 children of one ref, and ten times as many aliases (refs services make to adopt
-a capability; they are dropped when the adopting action ends). Resource groups are checked by the secret token of the
-group object this service issued, never by the name a caller's object gives.
+a capability; they are dropped when the adopting action ends). Resource groups
+are checked by the secret token of the group object this service issued, never
+by the name a caller's object gives.
 """
 
 from __future__ import annotations
