@@ -313,8 +313,9 @@ class Persistence:
             service, description.category, runtime_id, bytes(description.description), sealed,
             description.active)
         # This node's nested refs go when the object goes (they exist only for it).
-        self.store.add_nested(object_id, [secret_hash(r.secret_bytes) for r in nested
-                                          if self.is_local(r)])
+        local_nested = [secret_hash(r.secret_bytes) for r in nested if self.is_local(r)]
+        if local_nested:
+            self.store.add_nested(object_id, local_nested)
         secret = secrets.token_bytes(SECRET_BYTES)
         self.store.add_ref(secret_hash(secret), object_id, persistent, group_id)
         self.live[object_id] = cap.as_interface(core.Persistable)
