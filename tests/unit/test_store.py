@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from metac.persistence.store import SHORT_ID_LEN, Store, secret_hash, short_id_of
+from metac.persistence.store import SCHEMA, SHORT_ID_LEN, Store, secret_hash, short_id_of
 
 
 @pytest.fixture
@@ -146,13 +146,14 @@ def test_delete_ref_keeps_object_while_other_refs_remain(store: Store) -> None:
     store.add_ref(d1, oid, True, None)
     store.add_ref(d2, oid, False, None)
 
-    info, dropped = store.delete_ref(d1)
+    info, revoked, dropped = store.delete_ref(d1)
     assert info is not None and info.object_id == oid and info.persistent
+    assert revoked == [(d1, "demo")]
     assert dropped == []
     assert store.lookup(d1) is None
     assert store.object_exists(oid)
 
-    info, dropped = store.delete_ref(d2)
+    info, _, dropped = store.delete_ref(d2)
     assert info is not None and not info.persistent
     assert dropped == [oid]
     assert not store.object_exists(oid)
@@ -164,13 +165,13 @@ def test_delete_ref_leaves_other_objects(store: Store) -> None:
     da, db = new_digest(), new_digest()
     store.add_ref(da, a, True, None)
     store.add_ref(db, b, True, None)
-    assert store.delete_ref(da)[1] == [a]
+    assert store.delete_ref(da)[2] == [a]
     assert store.object_exists(b)
     assert store.lookup(db) is not None
 
 
 def test_delete_unknown_ref(store: Store) -> None:
-    assert store.delete_ref(new_digest()) == (None, [])
+    assert store.delete_ref(new_digest()) == (None, [], [])
 
 
 def test_deleted_ref_is_gone_from_the_file(db_path: str, store: Store) -> None:
@@ -261,8 +262,8 @@ def test_drop_group_revokes_its_refs_only(store: Store) -> None:
     store.add_ref(d_out, outside, True, None)
     store.add_ref(d_other, outside, False, other)
 
-    n, dropped = store.drop_group("team")
-    assert n == 2
+    revoked, dropped = store.drop_group("team")
+    assert revoked is not None and sorted(d for d, _ in revoked) == sorted([d_in, d_shared_in])
     assert dropped == [in_group]
     assert store.lookup(d_in) is None and store.lookup(d_shared_in) is None
     assert store.lookup(d_shared_out) is not None
@@ -273,12 +274,12 @@ def test_drop_group_revokes_its_refs_only(store: Store) -> None:
 
 
 def test_drop_unknown_group(store: Store) -> None:
-    assert store.drop_group("nope") == (-1, [])
+    assert store.drop_group("nope") == (None, [])
 
 
 def test_drop_empty_group(store: Store) -> None:
     store.create_group("empty")
-    assert store.drop_group("empty") == (0, [])
+    assert store.drop_group("empty") == ([], [])
     assert store.group_id("empty") is None
 
 
@@ -313,3 +314,86 @@ def test_no_stored_value_is_a_secret(db_path: str, store: Store) -> None:
             assert again.lookup(secret_hash(bytes(value))) is None
     finally:
         again.close()
+
+
+# --- children (refs minted through another ref) -----------------------------------------
+
+
+def test_children_go_with_their_parent_transitively(store: Store) -> None:
+    oid, other = add_object(store), add_object(store)
+    root, child, grandchild, sibling = (new_digest() for _ in range(4))
+    store.add_ref(root, oid, True, None)
+    store.add_ref(child, other, True, None)
+    store.add_ref(grandchild, other, True, None)
+    store.add_ref(sibling, oid, True, None)
+    assert store.set_parent(child, root)
+    assert store.set_parent(grandchild, child)
+    assert store.count_children(root) == 1
+    assert store.lookup(grandchild).parent == short_id_of(child)  # type: ignore[union-attr]
+    info, revoked, dropped = store.delete_ref(root)
+    assert info is not None
+    assert sorted(d for d, _ in revoked) == sorted([root, child, grandchild])
+    assert dropped == [other]
+    assert store.lookup(sibling) is not None
+
+
+def test_a_child_is_never_more_persistent_than_its_parent(store: Store) -> None:
+    oid = add_object(store)
+    parent, child = new_digest(), new_digest()
+    store.add_ref(parent, oid, False, None)
+    store.add_ref(child, oid, True, None)
+    assert store.set_parent(child, parent)
+    assert not store.lookup(child).persistent  # type: ignore[union-attr]
+    assert not store.set_parent(new_digest(), parent)
+    assert not store.set_parent(child, new_digest())
+
+
+def test_purge_and_group_drop_take_children(db_path: str) -> None:
+    old = Store(db_path, "old-run")
+    gid = old.create_group("team")
+    oid = add_object(old)
+    transient, child, grouped, grouped_child = (new_digest() for _ in range(4))
+    old.add_ref(transient, oid, False, None)
+    old.add_ref(child, oid, True, None)
+    old.set_parent(child, transient)
+    old.add_ref(grouped, oid, True, gid)
+    old.add_ref(grouped_child, oid, True, None)
+    old.set_parent(grouped_child, grouped)
+    old.close()
+    new = Store(db_path, "new-run")
+    try:
+        assert new.purge_stale() == 2
+        assert new.lookup(child) is None
+        revoked, _ = new.drop_group("team")
+        assert revoked is not None and {d for d, _ in revoked} == {grouped, grouped_child}
+    finally:
+        new.close()
+
+
+def test_an_old_store_gains_the_parent_column(db_path: str) -> None:
+    db = sqlite3.connect(db_path)
+    db.executescript(SCHEMA)
+    db.close()
+    store = Store(db_path, "x")
+    try:
+        oid = add_object(store)
+        digest = new_digest()
+        store.add_ref(digest, oid, True, None)
+        assert store.lookup(digest).parent == ""  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_nested_refs_go_with_their_object(store: Store) -> None:
+    holder_obj, inner_obj = add_object(store), add_object(store)
+    outer, nested, other = new_digest(), new_digest(), new_digest()
+    store.add_ref(nested, inner_obj, True, None)
+    store.add_ref(other, inner_obj, True, None)
+    store.add_ref(outer, holder_obj, False, None)
+    store.add_nested(holder_obj, [nested])
+    info, revoked, dropped = store.delete_ref(outer)
+    assert info is not None
+    assert sorted(d for d, _ in revoked) == sorted([outer, nested])
+    assert dropped == [holder_obj]
+    assert store.lookup(other) is not None and store.object_exists(inner_obj)
+    assert count(store, "nested") == 0

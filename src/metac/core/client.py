@@ -99,6 +99,13 @@ class NodePool:
         obj = res.obj.as_interface(interface or core.Persistable)
         return obj
 
+    async def drop_alias(self, ref: SturdyRef) -> None:
+        """Revoke an alias ``ref`` (see Persistable.createSturdyRef) on its node."""
+        node = await self.node(ref.node, ref.port)
+        async with rpc_errors():
+            service = node.getService(ref.service).service
+            await service.dropAlias(ref.secret_bytes)
+
     async def aclose(self) -> None:
         self._nodes.clear()
         await self._stack.aclose()
