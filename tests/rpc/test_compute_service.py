@@ -209,7 +209,7 @@ def test_last_capability_dropped_destroys_environment() -> None:
 
 def test_launcher_is_persistable_with_a_description() -> None:
     server = service.LauncherServer(None, FakeState())  # type: ignore[arg-type]
-    desc = server._describe()
+    desc = asyncio.run(server.describe(False))
     assert desc.category == "launcher" and desc.caps == [] and not desc.active
     assert issubclass(service.LauncherServer, compute.ComputeLauncher.Server)
     assert core.Persistable is not None

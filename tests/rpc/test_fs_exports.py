@@ -155,11 +155,11 @@ def test_owner_is_fixed_when_exported_and_inherited(tmp_path: Path, tree: Path) 
         users = admin_root._derived(admin_root.directory.subdir(("a",)), False)
         assert users.owner == USER
         below = users._derived(users.directory.subdir(("b",)), True)  # a/b belongs to root
-        assert below.owner == USER and below._describe().data["owner"] == [1000, 1000]
-        assert admin_root._describe().data["owner"] == [0, 0]
+        assert below.owner == USER and (await below.describe(False)).data["owner"] == [1000, 1000]
+        assert (await admin_root.describe(False)).data["owner"] == [0, 0]
         keeper = FilesystemServer(state, Directory.open_absolute(str(tree)), owner=None)
         kept = keeper._derived(keeper.directory.subdir(("a",)), False)
-        assert kept.owner is None and kept._describe().data["preserveOwners"] is True
+        assert kept.owner is None and (await kept.describe(False)).data["preserveOwners"] is True
         restored = exports.restore_filesystem(state, {"path": str(tree / "a"), "readOnly": False})
         assert restored.owner == USER  # described before owners existed: the directory's owner
         restored = exports.restore_filesystem(state, {"path": str(tree), "preserveOwners": True})

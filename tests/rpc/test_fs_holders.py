@@ -65,7 +65,7 @@ def make_state(tmp_path: Path) -> tuple[FsState, FakeHandler]:
                      node_address="127.0.0.1", node_port=901, node_instance="test")
     handler = FakeHandler()
     ctx = ServiceContext(env, None, handler, Supervisor(env.state_dir, "fs"))
-    ctx.__dict__["fs_state"] = state = FsState(ctx)
+    state = FsState(ctx)
     return state, handler
 
 
@@ -74,7 +74,7 @@ def test_the_target_is_sealed_in_the_description_and_restored_from_it(tmp_path: 
         state, _ = make_state(tmp_path)
         holder = service.MountHolder(state, FakeSession("m1", TARGET), keep=True,
                                      persistent=True)
-        desc = holder._describe()
+        desc = await holder.describe(False)
         assert desc.active and desc.category == "mount"
         text = json.dumps(desc.data)
         assert TARGET.format() not in text and TARGET.secret_bytes.hex() not in text
@@ -89,7 +89,7 @@ def test_the_target_is_sealed_in_the_description_and_restored_from_it(tmp_path: 
         data = dict(desc.data)
         del data["target"]
         with pytest.raises(errors.NotFound):
-            await service._restore_mount(state.ctx, {**data, "id": "m2"}, [])
+            await service.restore_mount(state, {**data, "id": "m2"})
         # A description sealed with another key (a lost key file) is refused, not guessed.
         other = TargetSeal(str(tmp_path / "other.key")).seal(TARGET)
         with pytest.raises(errors.InvalidArgument):

@@ -101,23 +101,16 @@ class ComputeAdminServer(Servant, compute.ComputeServiceAdmin.Server):
 
 
 class _Described(PersistableMixin):
-    """createSturdyRef whose description depends on ``persistent`` (see compute.persist)."""
+    """A server whose description depends on ``persistent`` (see compute.persist)."""
 
     _ctx: ServiceContext
-
-    def _describe_for(self, persistent: bool) -> Description:
-        raise NotImplementedError
 
     def _identity(self) -> str:
         raise NotImplementedError
 
-    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
-                              **kwargs: Any) -> None:
-        desc = self._describe_for(bool(persistent))
+    def ref_runtime_id(self, persistent: bool) -> str:
         # One stored object per live object and kind of ref; a re-created one keeps its id.
-        runtime_id = f"{self._identity()}:{'persistent' if persistent else _BOOT}"
-        _context.results.id = await self._ctx.create_ref(self, desc, runtime_id, rgroup,
-                                                         persistent)
+        return f"{self._identity()}:{'persistent' if persistent else _BOOT}"
 
 
 _BOOT = secrets.token_hex(8)
@@ -128,7 +121,7 @@ class LauncherServer(PersistableMixin, compute.ComputeLauncher.Server):
         self._ctx = ctx
         self._state = state
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description("launcher", {})
 
     async def launch(self, processDescription: Any, envDescription: Any, _context: Any,
@@ -149,7 +142,7 @@ class EnvironmentServer(_Described, compute.ProcessEnvironment.Server):
     def _identity(self) -> str:
         return f"env:{self._env.id}"
 
-    def _describe_for(self, persistent: bool) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         if not persistent:
             return Description("env", {"id": self._env.id})
         data, caps = persist.env_description(self._env)
@@ -172,16 +165,16 @@ class EnvironmentServer(_Described, compute.ProcessEnvironment.Server):
 
 class ProcessServer(_Described, compute.Process.Server):
     def __init__(self, ctx: ServiceContext, process: ContainerProcess,
-                 state: ComputeState | None = None) -> None:
+                 state: ComputeState) -> None:
         self._ctx = ctx
         self._process = process
-        self._state = state or ComputeService.state_of(ctx)
+        self._state = state
         self._lease = Lease(process.env)
 
     def _identity(self) -> str:
         return f"process:{self._process.id}"
 
-    def _describe_for(self, persistent: bool) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         if not persistent:
             return Description("process", {"id": self._process.id})
         env = EnvironmentServer(self._ctx, self._state, self._process.env)
@@ -204,10 +197,6 @@ class ProcessServer(_Described, compute.Process.Server):
         await self._process.wait()
 
 
-async def _restore_launcher(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return LauncherServer(ctx, ComputeService.state_of(ctx))
-
-
 def _live_env(state: ComputeState, env_id: str) -> Environment:
     env = state.host.envs.get(env_id) if state.host is not None else None
     if env is None:
@@ -215,48 +204,41 @@ def _live_env(state: ComputeState, env_id: str) -> Environment:
     return env
 
 
-async def _restore_env(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    state = ComputeService.state_of(ctx)
-    env_id = str(data.get("id", ""))
-    host = state.host
-    if host is not None and env_id in host.envs:
-        return EnvironmentServer(ctx, state, host.envs[env_id])
-    if not data.get("persistent"):
-        raise errors.NotFound("the environment no longer exists")
-    env = await state.recreate_env(data, caps)
-    return EnvironmentServer(ctx, state, env)
-
-
-async def _restore_process(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    state = ComputeService.state_of(ctx)
-    env_id, _, number = str(data.get("id", "")).partition(".")
-    env = _live_env(state, env_id)
-    for process in env.processes:
-        if str(process.number) == number:
-            return ProcessServer(ctx, process, state)
-    if not data.get("persistent") or env.processes:
-        raise errors.NotFound("the process no longer exists")
-    # The environment was just re-created (a nested capability): launch it again.
-    process = await env.launch(persist.process_spec_from(data), [])
-    return ProcessServer(ctx, process, state)
-
-
 class ComputeService(ServiceDefinition):
     """Containers (ComputeLauncher) on this node."""
 
     name = "compute"
-    restorers = {"launcher": _restore_launcher, "env": _restore_env,
-                 "process": _restore_process}
-    _states: dict[int, ComputeState] = {}
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.state = ComputeState(ctx)
-        ComputeService._states[id(ctx)] = self.state
 
-    @classmethod
-    def state_of(cls, ctx: ServiceContext) -> ComputeState:
-        return cls._states[id(ctx)]
+    async def restore_launcher(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return LauncherServer(self.ctx, self.state)
+
+    async def restore_env(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        state = self.state
+        env_id = str(data.get("id", ""))
+        host = state.host
+        if host is not None and env_id in host.envs:
+            return EnvironmentServer(self.ctx, state, host.envs[env_id])
+        if not data.get("persistent"):
+            raise errors.NotFound("the environment no longer exists")
+        env = await state.recreate_env(data, caps)
+        return EnvironmentServer(self.ctx, state, env)
+
+    async def restore_process(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        state = self.state
+        env_id, _, number = str(data.get("id", "")).partition(".")
+        env = _live_env(state, env_id)
+        for process in env.processes:
+            if str(process.number) == number:
+                return ProcessServer(self.ctx, process, state)
+        if not data.get("persistent") or env.processes:
+            raise errors.NotFound("the process no longer exists")
+        # The environment was just re-created (a nested capability): launch it again.
+        process = await env.launch(persist.process_spec_from(data), [])
+        return ProcessServer(self.ctx, process, state)
 
     def admin(self) -> Any:
         return ComputeAdminServer(self.ctx, self.state)
@@ -272,8 +254,6 @@ class ComputeService(ServiceDefinition):
         except asyncio.CancelledError:
             await task
             raise
-        finally:
-            ComputeService._states.pop(id(self.ctx), None)
 
 
 def main() -> None:

@@ -93,12 +93,17 @@ def _unsupported(cls_name: str, method: str) -> Callable[..., Awaitable[Any]]:
 
 class Servant:
     """Mixin for pycapnp server classes: wraps public coroutine methods in the
-    error boundary. Put it first: ``class Foo(Servant, schema.Foo.Server)``."""
+    error boundary. Put it first: ``class Foo(Servant, schema.Foo.Server)``.
+    Public coroutines that are not RPC methods are named in ``LOCAL_METHODS``
+    (their errors reach the calling method as they are)."""
+
+    LOCAL_METHODS: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        local = cls.LOCAL_METHODS
         for name, value in list(vars(cls).items()):
-            if name.startswith("_") or not inspect.iscoroutinefunction(value):
+            if name.startswith("_") or name in local or not inspect.iscoroutinefunction(value):
                 continue
             if getattr(value, "__wrapped__", None) is not None:
                 continue

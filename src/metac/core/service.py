@@ -10,8 +10,8 @@ registers afresh.
 Server classes make their objects persistable with ``PersistableMixin``: they
 describe themselves (category, JSON data, capabilities they hold) and the
 mixin asks persistence for a sturdy ref. After a restart, persistence calls the
-service's restorer with the same description; ``ServiceDefinition.restorers``
-maps each category to the function that rebuilds the object.
+service's restorer with the same description; ``ServiceDefinition.restore``
+(by default its method ``restore_<category>``) rebuilds the object.
 """
 
 from __future__ import annotations
@@ -21,17 +21,18 @@ import json
 import logging
 import secrets
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from metac import errors
-from metac.core.client import NodePool, ref_from_struct
+from metac.codec.refs import DEFAULT_PORT, SturdyRef
+from metac.core.client import NodePool
 from metac.core.membrane import Membranes
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import run_daemon
 from metac.core.rpc import Servant, connect_unix
 from metac.core.supervisor import Supervisor
+from metac.core.untrusted import OwnNode, adopt
 from metac.schema.load import core, persistence
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,6 @@ class Description:
     data: dict[str, Any] = field(default_factory=dict)
     caps: list[Any] = field(default_factory=list)
     active: bool = False
-
-
-Restore = Callable[["ServiceContext", dict[str, Any], list[Any]], Awaitable[Any]]
 
 
 class ServiceContext:
@@ -70,21 +68,22 @@ class ServiceContext:
     async def _adopt_child(self, parent_key: bytes, ref: Any, alias: bool) -> None:
         await self.handler.adoptChild(parent=parent_key, child=ref, alias=alias)
 
-    async def adopt(self, cap: Any, interface: Any = None) -> Any:
-        """A capability to keep: the same object, reached over our own connection.
+    def own_node(self) -> OwnNode:
+        """This node's address and port (what its own refs name)."""
+        return OwnNode(self.env.node_address, self.env.node_port)
 
-        A capability passed in by a client is proxied through that client's
-        connection and breaks when the client goes away (pycapnp has no
-        three-party handoff). Restoring a sturdy ref of it from its own node
-        gives a direct reference that outlives the client.
-        """
-        res = await cap.cast_as(core.Persistable).createSturdyRef(persistent=False, alias=True)
-        return await self.pool.restore(ref_from_struct(res.id), interface)
+    async def adopt(self, cap: Any, interface: Any, *, persistent: bool = False,
+                    what: str = "the capability") -> tuple[SturdyRef, Any]:
+        """(its ref, ``cap`` over our own connection): see ``core.untrusted.adopt``."""
+        ref, adopted = await adopt(self.pool, self.own_node(), cap, interface,
+                                   persistent=persistent, what=what)
+        assert ref is not None  # only None with keep_unpersistable
+        return ref, adopted
 
     def node_address(self) -> Any:
         addr = core.NodeAddress.new_message()
         addr.ip = self.env.node_address
-        addr.port = self.env.node_port if self.env.node_port != 901 else 0
+        addr.port = self.env.node_port if self.env.node_port != DEFAULT_PORT else 0
         return addr
 
     async def forget(self, runtime_id: str) -> int:
@@ -117,41 +116,65 @@ class ServiceContext:
 class PersistableMixin(Servant):
     """Implements Persistable.createSturdyRef for a server class of a service.
 
-    The class sets ``self._ctx`` and implements ``_describe()``.
+    The class sets ``self._ctx`` and implements ``describe(persistent)``; it may
+    override ``ref_runtime_id`` (which stored object a ref names), ``ref_cap``
+    (the capability persistence keeps) and ``ref_made`` (after a ref was made).
     """
+
+    LOCAL_METHODS = frozenset({"describe"})
 
     _ctx: ServiceContext
     _runtime_id: str | None = None
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
+        """How to rebuild this object (raise to refuse a ref, e.g. Unsupported)."""
         raise errors.Unsupported(f"{type(self).__name__} cannot be persisted")
 
-    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any, **kwargs: Any) -> None:
-        description = self._describe()  # first: Unsupported for objects that cannot persist
+    def ref_runtime_id(self, persistent: bool) -> str:
+        """The stored object a new ref names: one per live object by default."""
         if self._runtime_id is None:
             self._runtime_id = secrets.token_hex(16)
+        return self._runtime_id
+
+    def ref_cap(self) -> Any:
+        """The capability persistence keeps for this object (a typed client if needed)."""
+        return self
+
+    def ref_made(self, ref: Any, persistent: bool) -> None:
+        """Called after persistence made ``ref`` to this object."""
+
+    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any, **kwargs: Any) -> None:
+        persistent = bool(persistent)
+        description = await self.describe(persistent)  # first: refuses what cannot persist
         if not _context.params._has("rgroup"):
             rgroup = None  # unset: pycapnp hands a null client in
-        ref = await self._ctx.create_ref(self, description, self._runtime_id, rgroup, persistent)
+        ref = await self._ctx.create_ref(self.ref_cap(), description,
+                                         self.ref_runtime_id(persistent), rgroup, persistent)
         _context.results.id = ref
-
-    async def forget_refs(self) -> int:
-        """Revoke every sturdy ref of this object (e.g. when the action it holds is undone)."""
-        if self._runtime_id is None:
-            return 0
-        return await self._ctx.forget(self._runtime_id)
+        self.ref_made(ref, persistent)
 
 
 class ServiceDefinition:
-    """One service: its name, its admin bootstrap object and its restorers."""
+    """One service: its name, its state, its admin bootstrap object and its restorer.
+
+    ``state`` is the service's own state object (what its server classes share).
+    ``restore`` rebuilds a persisted object from its description; by default it
+    calls the method ``restore_<category>(data, caps)``.
+    """
 
     name: ClassVar[str]
+    state: Any = None
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
-    #: category -> coroutine rebuilding the object from its description.
-    restorers: ClassVar[dict[str, Restore]] = {}
+    async def restore(self, category: str, data: dict[str, Any], caps: list[Any]) -> Any:
+        """The object described by ``category``/``data``/``caps`` (after a restart)."""
+        method = getattr(self, f"restore_{category}", None) if category.isidentifier() \
+            else None
+        if method is None:
+            raise errors.NotFound(f"service {self.name} cannot restore {category!r}")
+        return await method(data, caps)
 
     def admin(self) -> Any:
         """The ServiceAdmin server object (root only)."""
@@ -195,16 +218,13 @@ class RestorerServer(Servant, persistence.Restorer.Server):
         self._closed = asyncio.get_running_loop().create_future()
 
     async def restoreFromDescription(self, description: Any, _context: Any, **kwargs: Any) -> None:
-        category = description.category
-        restore = self._service.restorers.get(category)
-        if restore is None:
-            raise errors.NotFound(f"service {self._service.name} cannot restore {category!r}")
+        category = str(description.category)
         try:
             data = json.loads(bytes(description.description) or b"{}")
         except ValueError:
             raise errors.InvalidArgument("corrupt description") from None
         caps = list(description.caps)
-        obj = await restore(self._service.ctx, data, caps)
+        obj = await self._service.restore(category, data, caps)
         if isinstance(obj, PersistableMixin) and description.runtimeId:
             # The same stored object: new refs and forget() find its row again.
             obj._runtime_id = description.runtimeId

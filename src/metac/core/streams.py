@@ -283,7 +283,7 @@ class StreamServer(PersistableMixin, stream_schema.Stream.Server):
         self._ctx = ctx  # type: ignore[assignment]
         self._description = description
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         if self._ctx is None or self._description is None:
             raise errors.Unsupported(f"{self._name} cannot be persisted")
         return self._description
@@ -343,11 +343,11 @@ class BindHolder(PersistableMixin, HolderServer):
         self._ctx = ctx
         self._streams = streams
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description(self.CATEGORY, {}, caps=list(self._streams), active=True)
 
 
-async def restore_bind(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
+async def restore_bind(data: dict[str, Any], caps: list[Any]) -> Any:
     """Restorer for ``BindHolder.CATEGORY``: bind the two streams again."""
     if len(caps) != 2:
         raise errors.InvalidArgument("a bind holds exactly two streams")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from metac.codec.refs import DEFAULT_PORT, RefError, SturdyRef
 from metac.core.client import NodePool, ref_from_struct
 from metac.core.rpc import rpc_errors
 from metac.schema.load import core
+
+log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 30.0
 CALL_TIMEOUT_ENV = "METAC_CALL_TIMEOUT"
@@ -142,6 +145,36 @@ async def locate(pool: NodePool, own: OwnNode, cap: Any, interface: Any, *,
         # caller's choice, and the reason would tell it about ports of our network.
         raise errors.Unavailable(f"the node serving {what} cannot be reached") from None
     return Located(restored, str(parse_ip(ref.node)), local)
+
+
+async def adopt(pool: NodePool, own: OwnNode, cap: Any, interface: Any, *,
+                persistent: bool = False, what: str = "the capability",
+                keep_unpersistable: bool = False) -> tuple[SturdyRef | None, Any]:
+    """(its ref, ``cap`` reached over our own connection): a client-handed capability to keep.
+
+    A capability passed in by a client is proxied through that client's
+    connection and breaks when the client goes away (pycapnp has no three-party
+    handoff). Restoring a sturdy ref of it from the node the ref names gives a
+    direct reference that outlives the client. A non-persistent ref is an alias
+    of the grant ``cap`` came through (revoking that grant cuts it too). Every
+    call is bounded, and a ref naming a private address other than this node's
+    is refused. With ``keep_unpersistable``, a capability that cannot make a ref is
+    kept as it is: ``(None, cap)``.
+    """
+    try:
+        res = await bounded(cap.cast_as(core.Persistable).createSturdyRef(
+            persistent=persistent, alias=not persistent), what)
+    except errors.MetacError as exc:
+        if not keep_unpersistable:
+            raise
+        log.info("cannot make a ref of %s (%s); keeping the capability", what, exc)
+        return None, cap
+    try:
+        ref = ref_from_struct(res.id)
+    except (RefError, ValueError) as exc:
+        raise errors.PermissionDenied(f"{what} answered a malformed ref: {exc}") from None
+    check_ref_node(ref, own)
+    return ref, await bounded(pool.restore(ref, interface), f"node {ref.node}")
 
 
 def check_served_address(answer: str, port: int, *, node: str | None,

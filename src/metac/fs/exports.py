@@ -11,7 +11,7 @@ persistable too (their description names the object and the protocol), so a
 9P, SFTP or NBD endpoint can be shared as a plain Stream ref, e.g. for
 ``metac stream forward`` and an external client.
 
-``local_object(secret)`` tells whether a sturdy ref this process just minted
+``local_object(state, secret)`` tells whether a sturdy ref this process just minted
 belongs to one of its own objects: ``mount`` uses it to bind-mount a local
 filesystem instead of going through the network.
 """
@@ -37,19 +37,18 @@ from metac.schema.load import fs as fs_schema
 
 log = logging.getLogger(__name__)
 
-_MINTED: dict[bytes, weakref.ref[Any]] = {}
-_MINTED_MAX = 256
+MINTED_MAX = 256
 
 
-def local_object(secret: bytes) -> Any:
-    """The object of this process a just-minted ref points to, or None."""
-    ref = _MINTED.pop(secret, None)
+def local_object(state: FsState, secret: bytes) -> Any:
+    """The object of this service a just-minted ref points to, or None."""
+    ref = state.minted.pop(secret, None)
     return ref() if ref is not None else None
 
 
 class Exported(PersistableMixin):
-    """An exported object: its path, a read-only bit, and a createSturdyRef that also
-    remembers which local object a new ref points to."""
+    """An exported object: its path, a read-only bit; a new ref to it is remembered
+    (``local_object``) so that mounting it here can bind-mount."""
 
     CATEGORY = ""
 
@@ -62,15 +61,14 @@ class Exported(PersistableMixin):
     def path(self) -> str:
         raise NotImplementedError
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description(self.CATEGORY, {"path": self.path, "readOnly": self.read_only})
 
-    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
-                              **kwargs: Any) -> None:
-        await super().createSturdyRef(rgroup, persistent, _context, **kwargs)
-        while len(_MINTED) >= _MINTED_MAX:
-            _MINTED.pop(next(iter(_MINTED)))
-        _MINTED[bytes(_context.results.id.objectInfo)] = weakref.ref(self)
+    def ref_made(self, ref: Any, persistent: bool) -> None:
+        minted = self._state.minted
+        while len(minted) >= MINTED_MAX:
+            minted.pop(next(iter(minted)))
+        minted[bytes(ref.objectInfo)] = weakref.ref(self)
 
 
 def describe_owner(desc: Description, who: squash.Identity | None) -> Description:
@@ -100,8 +98,8 @@ class _EntryExport(Exported):
         self.entry = entry
         self.owner = owner
 
-    def _describe(self) -> Description:
-        return describe_owner(super()._describe(), self.owner)
+    async def describe(self, persistent: bool) -> Description:
+        return describe_owner(await super().describe(persistent), self.owner)
 
     @property
     def path(self) -> str:
@@ -182,8 +180,8 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
                  else self.owner)
         return FilesystemServer(self._state, directory, read_only, owner)
 
-    def _describe(self) -> Description:
-        return describe_owner(super()._describe(), self.acting_as())
+    async def describe(self, persistent: bool) -> Description:
+        return describe_owner(await super().describe(persistent), self.acting_as())
 
     async def getSubtree(self, name: str, _context: Any, **kwargs: Any) -> None:
         sub = self.directory.subdir(parse_name(name))

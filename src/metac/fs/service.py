@@ -1,4 +1,4 @@
-"""The fs service: bootstrap, namespace, mount and attachment holders, restorers.
+"""The fs service: bootstrap, namespace, mount and attachment holders, restoring.
 
 ``FsService`` (run by the node as ``python -m metac.fs``) serves
 ``FilesystemServiceAdmin`` (root): ``rootNamespace`` and block attachments. The
@@ -32,7 +32,6 @@ from metac.core.client import ref_from_struct
 from metac.core.holder import HolderServer
 from metac.core.rpc import Servant
 from metac.core.service import Description, PersistableMixin, ServiceContext, ServiceDefinition
-from metac.core.untrusted import OwnNode, bounded, check_ref_node
 from metac.fs import attach, exports, mount
 from metac.fs.attach import Attachment
 from metac.fs.mount import MountSession
@@ -41,10 +40,6 @@ from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
 
 log = logging.getLogger("metac.fs")
-
-
-def state_of(ctx: ServiceContext) -> FsState:
-    return ctx.__dict__["fs_state"]  # set by FsService.__init__
 
 
 def shown_node(ref: SturdyRef) -> str:
@@ -63,23 +58,11 @@ def check_mount_point(path: str) -> str:
     return normal
 
 
-async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, Any, SturdyRef]:
-    """(our own object or None, a capability over our connection, its ref) for ``cap``.
-
-    The ref is an alias of the grant ``cap`` came through. Every call into ``cap`` is
-    bounded, and a ref naming a private address other than this node's is refused
-    (``core.untrusted``)."""
-    res = await bounded(cap.cast_as(interface).createSturdyRef(persistent=False, alias=True),
-                        "the capability")
-    try:
-        ref = ref_from_struct(res.id)
-    except ValueError as exc:
-        raise errors.PermissionDenied(f"the capability answered a malformed ref: {exc}") \
-            from None
-    check_ref_node(ref, OwnNode(ctx.env.node_address, ctx.env.node_port))
-    local = exports.local_object(ref.secret_bytes)
-    restored = await bounded(ctx.pool.restore(ref, interface), f"node {ref.node}")
-    return local, restored, ref
+async def _adopt(state: FsState, cap: Any, interface: Any) -> tuple[Any, Any, SturdyRef]:
+    """(our own object or None, a capability over our connection, its ref) for ``cap``
+    (``ServiceContext.adopt``: bounded, its node checked, an alias of the grant)."""
+    ref, restored = await state.ctx.adopt(cap, interface)
+    return exports.local_object(state, ref.secret_bytes), restored, ref
 
 
 async def _start(session: Any, alias: SturdyRef) -> None:
@@ -151,21 +134,19 @@ class _ActionHolder(PersistableMixin, HolderServer):
     def _data(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _describe(self) -> Description:
-        data = self._data()
-        if self.session.target is not None:
-            data["target"] = self._state.seal.seal(self.session.target)
-        return Description(self.KIND, data, active=True)
-
-    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
-                              **kwargs: Any) -> None:
+    async def describe(self, persistent: bool) -> Description:
         if not self.active:
             raise errors.FailedPrecondition(f"{self._what} was released")
         s = self.session
         if persistent and s.target is None and self._needs_target():
             res = await s.cap.cast_as(s.INTERFACE).createSturdyRef(persistent=True)
             s.target = ref_from_struct(res.id)
-        await super().createSturdyRef(rgroup, persistent, _context, **kwargs)
+        data = self._data()
+        if s.target is not None:
+            data["target"] = self._state.seal.seal(s.target)
+        return Description(self.KIND, data, active=True)
+
+    def ref_made(self, ref: Any, persistent: bool) -> None:
         if persistent:
             self.persistent = True
 
@@ -227,7 +208,7 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         self._state = state
         self._ctx = state.ctx
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description("namespace", {})
 
     async def filesystem(self, _context: Any, **kwargs: Any) -> None:
@@ -252,7 +233,7 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         if any(h.session.path == path for h in state.mounts.values()):
             raise errors.AlreadyExists(f"{path} is already a metac mount point")
         mount.choose_method(method, local=True)  # reject unknown names before any work
-        local, cap, ref = await _adopt(state.ctx, fs, fs_schema.Filesystem)
+        local, cap, ref = await _adopt(state, fs, fs_schema.Filesystem)
         if not isinstance(local, exports.FilesystemServer):
             local = None
         elif not local.preserve_owners:
@@ -285,7 +266,7 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
     async def attachBlock(self, device: Any, options: Any, _context: Any, **kwargs: Any) -> None:
         state = self._state
         mount_path = check_mount_point(options.mountPath) if options.mountPath else ""
-        _, cap, ref = await _adopt(state.ctx, device, fs_schema.BlockDevice)
+        _, cap, ref = await _adopt(state, device, fs_schema.BlockDevice)
         session = Attachment(state, attach_id=state.new_id(), read_only=bool(options.readOnly),
                              mount_path=mount_path, device_cap=cap, source=shown_node(ref))
         session.node = ref.node
@@ -298,27 +279,7 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
               sorted(list(self._state.attachments.values()), key=lambda h: h.session.id))
 
 
-# --- restorers --------------------------------------------------------------------------
-
-
-async def _restore_filesystem(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return exports.restore_filesystem(state_of(ctx), data)
-
-
-async def _restore_file(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return exports.restore_file(state_of(ctx), data)
-
-
-async def _restore_block(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return exports.restore_block(state_of(ctx), data)
-
-
-async def _restore_stream(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return await exports.restore_stream(state_of(ctx), data, caps)
-
-
-async def _restore_namespace(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return NamespaceServer(state_of(ctx))
+# --- restoring --------------------------------------------------------------------------
 
 
 def _target(state: FsState, data: dict[str, Any]) -> SturdyRef | None:
@@ -326,8 +287,7 @@ def _target(state: FsState, data: dict[str, Any]) -> SturdyRef | None:
     return state.seal.unseal(str(text)) if text else None
 
 
-async def _restore_mount(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    state = state_of(ctx)
+async def restore_mount(state: FsState, data: dict[str, Any]) -> MountHolder:
     key = str(data["id"])
     if key in state.mounts:
         return state.mounts[key]
@@ -346,9 +306,7 @@ async def _restore_mount(ctx: ServiceContext, data: dict[str, Any], caps: list[A
     return MountHolder(state, session, keep=True, persistent=True)
 
 
-async def _restore_attachment(ctx: ServiceContext, data: dict[str, Any],
-                              caps: list[Any]) -> Any:
-    state = state_of(ctx)
+async def restore_attachment(state: FsState, data: dict[str, Any]) -> AttachHolder:
     key = str(data["id"])
     if key in state.attachments:
         return state.attachments[key]
@@ -364,20 +322,31 @@ async def _restore_attachment(ctx: ServiceContext, data: dict[str, Any],
 
 class FsService(ServiceDefinition):
     name = "fs"
-    restorers = {
-        "filesystem": _restore_filesystem,
-        "file": _restore_file,
-        "block": _restore_block,
-        "stream": _restore_stream,
-        "namespace": _restore_namespace,
-        "mount": _restore_mount,
-        "attachment": _restore_attachment,
-    }
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.state = FsState(ctx)
-        ctx.__dict__["fs_state"] = self.state
+
+    async def restore_filesystem(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return exports.restore_filesystem(self.state, data)
+
+    async def restore_file(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return exports.restore_file(self.state, data)
+
+    async def restore_block(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return exports.restore_block(self.state, data)
+
+    async def restore_stream(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return await exports.restore_stream(self.state, data, caps)
+
+    async def restore_namespace(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return NamespaceServer(self.state)
+
+    async def restore_mount(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return await restore_mount(self.state, data)
+
+    async def restore_attachment(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return await restore_attachment(self.state, data)
 
     def admin(self) -> Any:
         return AdminServer(self.state)

@@ -76,6 +76,8 @@ class FsState:
         self.attachments: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         #: Holders the service keeps alive itself (options.keep, restored persistent ones).
         self.kept: dict[str, Any] = {}
+        #: Refs just minted to this service's exports (``exports.local_object``).
+        self.minted: dict[bytes, weakref.ref[Any]] = {}
 
     @staticmethod
     def new_id() -> str:

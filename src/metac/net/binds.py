@@ -43,9 +43,11 @@ from metac.core.untrusted import (
     OwnNode,
     bounded,
     call_timeout,
-    check_ref_node,
     is_special,
     parse_ip,
+)
+from metac.core.untrusted import (
+    adopt as adopt_capability,
 )
 from metac.net.devices import Device, new_id
 from metac.net.ports import check_peer_ip, random_vni
@@ -93,31 +95,12 @@ async def local_device_of(net: Net, other: Any) -> Device | None:
     return net.devices.by_token(bytes(res.token))
 
 
-async def adopt(net: Net, cap: Any, *, persistent: bool) -> tuple[SturdyRef | None, Any]:
-    """``cap`` reached over the service's own connection, and the ref used for that.
-
-    A capability a client passes in is proxied through the client's connection
-    and breaks when the client exits; restoring a ref of it does not. If the
-    object cannot make refs, the capability is kept as it is.
-    """
-    try:
-        res = await asyncio.wait_for(
-            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent,
-                                                          alias=not persistent),
-            call_timeout())
-    except Exception as exc:
-        log.info("cannot make a ref of the other interface (%s); keeping the capability",
-                 errors.from_kj(exc))
-        return None, cap
-    try:
-        ref = ref_from_struct(res.id)
-    except ValueError as exc:
-        raise errors.PermissionDenied(f"the other interface answered a malformed ref: {exc}") \
-            from None
-    # A ref naming a private address (not this node's) would make us connect there.
-    check_ref_node(ref, OwnNode(net.ctx.env.node_address, net.ctx.env.node_port))
-    return ref, await bounded(net.ctx.pool.restore(ref, network.L2Interface),
-                              f"node {ref.node}")
+async def adopt(net: Net, cap: Any) -> tuple[SturdyRef | None, Any]:
+    """``cap`` reached over the service's own connection, and the ref used for that
+    (``core.untrusted.adopt``); one that cannot make refs is kept as it is."""
+    own = OwnNode(net.ctx.env.node_address, net.ctx.env.node_port)
+    return await adopt_capability(net.ctx.pool, own, cap, network.L2Interface,
+                                        what="the other interface", keep_unpersistable=True)
 
 
 class Bind:
@@ -396,7 +379,7 @@ async def open_bind(net: Net, this: Device, other: Any) -> Bind:
         bind = Bind(net, bind_id=bind_id, this=this, other_dev=other_dev)
     else:
         await check_bindable(net, this)
-        ref, cap = await adopt(net, other, persistent=False)
+        ref, cap = await adopt(net, other)
         bind = Bind(net, bind_id=bind_id, this=this, other=cap, other_ref=ref)
         bind.alias = ref
     try:

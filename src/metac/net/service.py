@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -42,35 +41,27 @@ KEEP_GRACE = 120.0
 
 
 class _NetPersistable(PersistableMixin):
-    """createSturdyRef with an async description and a fully typed capability."""
+    """Persisted as its fully typed capability (``as_cap``)."""
 
     _ctx: ServiceContext
     _net: Net
     #: The fully typed capability of this server (each server class defines it).
     as_cap: Callable[[], Any]
 
-    async def _prepare(self, persistent: bool) -> Description:
-        raise errors.Unsupported(f"{type(self).__name__} cannot be persisted")
-
-    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
-                              **kwargs: Any) -> None:
-        desc = await self._prepare(bool(persistent))
-        if self._runtime_id is None:
-            self._runtime_id = secrets.token_hex(16)
-        _context.results.id = await self._ctx.create_ref(
-            self.as_cap(), desc, self._runtime_id, rgroup, persistent)
+    def ref_cap(self) -> Any:
+        return self.as_cap()
 
 
 class _DeviceMethods(_NetPersistable):
     """L2Interface methods, shared by L2Interface and KernelInterface servers."""
 
-    #: The restorer category (``NetService.restorers``).
+    #: Its persistence category (``NetService.restore_<category>``).
     category: str
 
     def __init__(self, ctx: ServiceContext, net: Net, dev: Device) -> None:
         self._ctx, self._net, self._dev = ctx, net, dev
 
-    async def _prepare(self, persistent: bool) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         await self._net.devices.refresh(self._dev)
         if persistent and self._dev.owned:
             self._net.keep.add_device(self._dev.id)
@@ -142,7 +133,7 @@ class KernelNetworkNamespaceServer(_NetPersistable, network.KernelNetworkNamespa
     def as_cap(self) -> Any:
         return network.KernelNetworkNamespace._new_client(self)
 
-    async def _prepare(self, persistent: bool) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description("namespace", {})
 
     def _iface(self, dev: Device) -> Any:
@@ -190,7 +181,7 @@ class BindHolderServer(_NetPersistable, _WaitableHolder):
         bind.holder = weakref.ref(self)
         _WaitableHolder.__init__(self, bind.aclose, f"bind {bind.id}")
 
-    async def _prepare(self, persistent: bool) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         if not self.active:
             raise errors.FailedPrecondition("the bind was released")
         if persistent:
@@ -224,18 +215,12 @@ class NetService(ServiceDefinition):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.net: Net | None = None
-        self.restorers = {  # type: ignore[misc]  # bound to this service's state
-            "namespace": self._restore_namespace,
-            "kiface": self._restore_kiface,
-            "l2iface": self._restore_l2iface,
-            "bind": self._restore_bind,
-        }
+        self.state: Net | None = None
 
     def _state(self) -> Net:
-        if self.net is None:
+        if self.state is None:
             raise errors.Unavailable("the network service is starting")
-        return self.net
+        return self.state
 
     async def start(self) -> None:
         env = self.ctx.env
@@ -243,7 +228,7 @@ class NetService(ServiceDefinition):
         keep = KeepList(os.path.join(env.state_dir, "net", "keep.json"))
         net = Net(ctx=self.ctx, netlink=Netlink(), firewall=Firewall(find_nft()),
                   ports=PortPool(low, high), keep=keep, node_ip=env.node_address)
-        self.net = net
+        self.state = net
         try:
             removed = await net.netlink.run(links.sweep_sync, keep.devices, what="sweep links")
             if removed:
@@ -268,32 +253,27 @@ class NetService(ServiceDefinition):
         return NetworkAdminServer(self.ctx, self._state())
 
     async def aclose(self) -> None:
-        if self.net is not None:
-            await self.net.aclose()
+        if self.state is not None:
+            await self.state.aclose()
 
-    # --- restorers (category -> object) ---
+    # --- restoring (category -> object) ---
 
-    async def _restore_namespace(self, ctx: ServiceContext, data: dict[str, Any],
-                                 caps: list[Any]) -> Any:
-        return KernelNetworkNamespaceServer(ctx, self._state()).as_cap()
+    async def restore_namespace(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return KernelNetworkNamespaceServer(self.ctx, self._state()).as_cap()
 
-    async def _restore_kiface(self, ctx: ServiceContext, data: dict[str, Any],
-                              caps: list[Any]) -> Any:
-        return await self._restore_device(KernelInterfaceServer, ctx, data)
+    async def restore_kiface(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return await self._restore_device(KernelInterfaceServer, data)
 
-    async def _restore_l2iface(self, ctx: ServiceContext, data: dict[str, Any],
-                               caps: list[Any]) -> Any:
-        return await self._restore_device(L2InterfaceServer, ctx, data)
+    async def restore_l2iface(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return await self._restore_device(L2InterfaceServer, data)
 
-    async def _restore_device(self, server: type[_DeviceMethods], ctx: ServiceContext,
-                              data: dict[str, Any]) -> Any:
+    async def _restore_device(self, server: type[_DeviceMethods], data: dict[str, Any]) -> Any:
         net = self._state()
-        return server(ctx, net, await net.devices.resolve(data.get("dev", {}))).as_cap()
+        return server(self.ctx, net, await net.devices.resolve(data.get("dev", {}))).as_cap()
 
-    async def _restore_bind(self, ctx: ServiceContext, data: dict[str, Any],
-                            caps: list[Any]) -> Any:
+    async def restore_bind(self, data: dict[str, Any], caps: list[Any]) -> Any:
         net = self._state()
-        return BindHolderServer(ctx, net, await restore_bind(net, data)).as_cap()
+        return BindHolderServer(self.ctx, net, await restore_bind(net, data)).as_cap()
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from metac.core.service import Description, ServiceContext, ServiceDefinition, r
 from metac.core.sources import TcpSource, UnixSource
 from metac.core.streams import (
     LISTEN_TIMEOUT,
-    BindHolder,
     StreamHost,
     StreamServer,
     restore_bind,
@@ -74,28 +73,24 @@ class StreamService(ServiceDefinition):
         super().__init__(ctx)
         self.host = StreamHost(ctx.env.node_address, listen_timeout=_listen_timeout(),
                                ctx=ctx)
-        # Restorers need this instance's StreamHost, so they are bound methods.
-        self.restorers = {  # type: ignore[misc]
-            "tcp": self._restore_tcp,
-            "unix": self._restore_unix,
-            BindHolder.CATEGORY: restore_bind,
-        }
 
     def admin(self) -> Any:
         return StreamAdminServer(self.host, self.ctx)
 
-    async def _restore_tcp(self, ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
+    async def restore_tcp(self, data: dict[str, Any], caps: list[Any]) -> Any:
         try:
-            return tcp_stream(self.host, ctx, TcpEndpoint(str(data["host"]), int(data["port"])))
+            return tcp_stream(self.host, self.ctx, TcpEndpoint(str(data["host"]), int(data["port"])))
         except (KeyError, ValueError, LocatorError):
             raise errors.InvalidArgument("corrupt tcp stream description") from None
 
-    async def _restore_unix(self, ctx: ServiceContext, data: dict[str, Any],
-                            caps: list[Any]) -> Any:
+    async def restore_unix(self, data: dict[str, Any], caps: list[Any]) -> Any:
         try:
-            return unix_stream(self.host, ctx, UnixEndpoint(str(data["path"])))
+            return unix_stream(self.host, self.ctx, UnixEndpoint(str(data["path"])))
         except (KeyError, ValueError, LocatorError):
             raise errors.InvalidArgument("corrupt unix stream description") from None
+
+    async def restore_bind(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return await restore_bind(data, caps)
 
     async def aclose(self) -> None:
         await self.host.aclose()

@@ -28,7 +28,7 @@ class CounterServer(PersistableMixin, demo.Counter.Server):
         self._name = name
         self._value = value
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description("counter", {"name": self._name})
 
     async def increment(self, by: int, **kwargs: Any) -> int:
@@ -48,7 +48,7 @@ class BoxServer(PersistableMixin, demo.Box.Server):
         self._label = label
         self._cap = cap
 
-    def _describe(self) -> Description:
+    async def describe(self, persistent: bool) -> Description:
         return Description("box", {"label": self._label}, caps=[self._cap])
 
     async def get(self, _context: Any, **kwargs: Any) -> None:
@@ -77,27 +77,24 @@ class DemoAdminServer(Servant, demo.DemoAdmin.Server):
         _context.results.counter = CounterServer(self._ctx, name)
 
     async def makeBox(self, label: str, cap: Any, _context: Any, **kwargs: Any) -> None:
-        held = await self._ctx.adopt(cap, core.Persistable)
+        _, held = await self._ctx.adopt(cap, core.Persistable)
         _context.results.box = BoxServer(self._ctx, label, held)
-
-
-async def _restore_counter(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    return CounterServer(ctx, str(data["name"]))
-
-
-async def _restore_box(ctx: ServiceContext, data: dict[str, Any], caps: list[Any]) -> Any:
-    if len(caps) != 1:
-        raise errors.InvalidArgument("a box holds exactly one capability")
-    return BoxServer(ctx, str(data["label"]), caps[0])
 
 
 class DemoService(ServiceDefinition):
     name = "demo"
-    restorers = {"counter": _restore_counter, "box": _restore_box}
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.leases: list[str] = []
+
+    async def restore_counter(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        return CounterServer(self.ctx, str(data["name"]))
+
+    async def restore_box(self, data: dict[str, Any], caps: list[Any]) -> Any:
+        if len(caps) != 1:
+            raise errors.InvalidArgument("a box holds exactly one capability")
+        return BoxServer(self.ctx, str(data["label"]), caps[0])
 
     def admin(self) -> Any:
         return DemoAdminServer(self.ctx, self.leases)
