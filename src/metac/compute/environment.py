@@ -57,18 +57,6 @@ class FsSource:
         return "filesystem"
 
 
-@dataclass(frozen=True)
-class LocalDir(FsSource):
-    """A directory of this host, used in place (trusted callers only: tests, bench)."""
-
-    path: str
-
-    async def attach(self, target: str, revert: Revert) -> str:
-        if not os.path.isdir(self.path):
-            raise errors.NotFound(f"{self.path} is not a directory")
-        return self.path
-
-
 @dataclass
 class NetworkSpec:
     """One entry of envDescription.networks."""

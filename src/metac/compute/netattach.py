@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = {4: 50, 6: 70}
 HOST_IFNAME_PREFIX = "mcc"
-IP_TIMEOUT = 30.0
 
 
 def host_ifname() -> str:

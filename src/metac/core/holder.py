@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -103,20 +104,28 @@ class HolderServer(Servant, core.Holder.Server):
             return
         log.debug("last reference to %s dropped; releasing", self._what)
         try:
-            _background(self._loop, revert.aclose(), f"release {self._what}")
+            _background(revert.aclose(), f"release {self._what}")
         except RuntimeError:
             pass
 
 
-# Undo work started from __del__ has no awaiting caller: this set owns it, and
-# core.process waits for it at exit.
-_BACKGROUND = TaskSet()
+# Undo work started from __del__ has no awaiting caller: the event loop it runs on
+# owns it (one TaskSet per loop, gone with the loop), and core.process waits for it
+# at exit.
+_UNDO_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskSet] = \
+    weakref.WeakKeyDictionary()
 
 
-def _background(loop: asyncio.AbstractEventLoop, coro: Any, name: str) -> None:
-    _BACKGROUND.spawn(coro, name, log_errors=True)
+def _background(coro: Any, name: str) -> None:
+    loop = asyncio.get_running_loop()  # RuntimeError outside a loop
+    tasks = _UNDO_BY_LOOP.get(loop)
+    if tasks is None:
+        tasks = _UNDO_BY_LOOP[loop] = TaskSet()
+    tasks.spawn(coro, name, log_errors=True)
 
 
 async def drain_background(timeout: float = 10.0) -> None:
-    """Wait for undo work started by dropped holders (used at process exit)."""
-    await _BACKGROUND.wait(timeout)
+    """Wait for undo work started by dropped holders on this loop (used at process exit)."""
+    tasks = _UNDO_BY_LOOP.get(asyncio.get_running_loop())
+    if tasks is not None:
+        await tasks.wait(timeout)

@@ -29,7 +29,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -38,6 +38,7 @@ import capnp
 from metac import errors
 from metac.codec.capnp_frames import FrameError, FrameScanner, aliases
 from metac.codec.refs import redact_secrets
+from metac.core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,6 @@ class Servant:
         for method in getattr(schema, "method_names_inherited", ()) or ():
             if not hasattr(cls, method):
                 setattr(cls, method, _unsupported(cls.__name__, method))
-
-
-def rpc_error(exc: BaseException) -> errors.MetacError:
-    """Client side: the MetacError an RPC failure means."""
-    return errors.from_kj(exc)
 
 
 @contextlib.asynccontextmanager
@@ -272,33 +268,27 @@ class _Listener:
     """Owns a listening socket, its accept loop and every connection task."""
 
     def __init__(self, sock: socket.socket, what: str,
-                 serve: Callable[[socket.socket, Any], Awaitable[None] | None],
+                 serve: Callable[[socket.socket, Any], Coroutine[Any, Any, None] | None],
                  sweeper: Callable[[], Awaitable[None]] | None = None) -> None:
         self.sock = sock
         self._serve = serve
-        self._tasks: set[asyncio.Task[None]] = set()
-        loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(_accept_forever(sock, what, self._accepted),
-                                        name=f"rpc-accept {what}")]
+        self._tasks = TaskSet()
+        self._tasks.spawn(_accept_forever(sock, what, self._accepted), f"rpc-accept {what}")
         if sweeper is not None:
-            self._loops.append(loop.create_task(sweeper(), name=f"rpc-sweep {what}"))
+            self._tasks.spawn(sweeper(), f"rpc-sweep {what}")
 
     def _accepted(self, conn: socket.socket, addr: Any) -> None:
         coro = self._serve(conn, addr)
-        if coro is None:
-            return
-        task = asyncio.get_running_loop().create_task(coro, name="rpc-conn")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if coro is not None:
+            self._tasks.spawn(coro, "rpc-conn")
 
     def close(self) -> None:
         """Stop accepting and end every connection (``wait_closed`` waits for them)."""
-        for task in [*self._loops, *self._tasks]:
-            task.cancel()
+        self._tasks.cancel()
         self.sock.close()
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
     async def aclose(self) -> None:
         self.close()
@@ -603,7 +593,7 @@ async def serve_tcp(host: str, port: int, factory: BootstrapFactory,
     sock.setblocking(False)
     shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
 
-    def serve(conn_sock: socket.socket, addr: Any) -> Awaitable[None] | None:
+    def serve(conn_sock: socket.socket, addr: Any) -> Coroutine[Any, Any, None] | None:
         peer = Peer("tcp", address=addr[0], port=addr[1])
         conn = guard.admit(peer)
         if conn is None:

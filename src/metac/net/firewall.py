@@ -121,10 +121,6 @@ class Firewall:
         self.egress_device: str | None = None
         self._egress_said = False
 
-    @property
-    def available(self) -> bool:
-        return self._nft is not None
-
     def rules(self) -> list[PortRule]:
         return list(self._rules.values())
 
