@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from metac import errors
+from metac.core.holder import Revert
 from metac.fs import kernel, mount
 
 
@@ -22,6 +23,7 @@ def test_refused_9p_mount_is_unavailable_naming_sftp(monkeypatch: pytest.MonkeyP
     session = mount.MountSession.__new__(mount.MountSession)
     session.path, session.read_only, session.marker = "/mnt/x", False, "metac:m1"
     session._ninep_fd = None
+    session._undo = Revert()
     left, right = socket.socketpair()
     try:
         with pytest.raises(errors.Unavailable, match="9p mount of /mnt/x failed: "

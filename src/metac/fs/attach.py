@@ -25,7 +25,7 @@ from typing import Any
 
 from metac import errors
 from metac.codec.refs import SturdyRef
-from metac.core.streams import OpenedStream, open_stream
+from metac.core.streams import open_stream
 from metac.core.supervisor import Child, Supervisor, require_program
 from metac.core.untrusted import bounded
 from metac.fs import kernel, nbdproto
@@ -117,7 +117,6 @@ class Attachment(Session):
         self.mount_path = mount_path
         self.device = ""
         self.dir = os.path.join(state.run_dir, "nbd", attach_id)
-        self._stream: OpenedStream | None = None
         self._child: Child | None = None
         self._nbd_fd: int | None = None
         self._nbd_thread: asyncio.Future[Any] | None = None
@@ -137,20 +136,23 @@ class Attachment(Session):
         info = (await bounded(device.info(), "the block device")).info
         self.read_only = self.read_only or bool(info.readOnly)
         stream = (await bounded(device.nbdSetup(), "the block device")).stream
-        self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address,
-                                         node=self.node)
-        kernel.keepalive(self._stream.sock)
-        self._stream.sock.setblocking(True)
+        opened = await open_stream(stream, local_address=self.state.ctx.env.node_address,
+                                   node=self.node)
+        self._undo.add(opened.aclose, "close the NBD connection")
+        kernel.keepalive(opened.sock)
+        opened.sock.setblocking(True)
         if kernel_has_nbd():
             self.method = "nbd"
-            await self._attach_kernel(self._stream.sock)
+            await self._attach_kernel(opened.sock)
         else:
             self.method = "nbdfuse"
-            await self._attach_nbdfuse(self._stream.sock)
+            await self._attach_nbdfuse(opened.sock)
         self._write_record()
         if self.mount_path:
             require_program("mount", "mount")
             opts = ["-o", "ro"] if self.read_only else []
+            device, mount_path = self.device, self.mount_path
+            self._undo.add(lambda: _unmount_device(mount_path, device), "unmount")
             await run_tool(self.state.supervisor, ["mount", *opts, self.device, self.mount_path],
                            "mount")
             self._write_record()
@@ -184,6 +186,7 @@ class Attachment(Session):
             self._nbd_fd = fd
             self.device = dev
             self._nbd_thread = loop.run_in_executor(None, _do_it, fd)
+            self._undo.add(self._disconnect_nbd, f"disconnect {dev}")
             sock.close()  # the kernel holds the connection now
             return
         raise errors.Unavailable("no free /dev/nbdN device")
@@ -192,11 +195,13 @@ class Attachment(Session):
         nbdfuse = require_program("nbdfuse", "libnbd-bin")
         losetup = require_program("losetup", "mount")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._undo.add(self._remove_dir, "remove the FUSE directory")
         fd = sock.fileno()
         argv = [nbdfuse, *(["-r"] if self.read_only else []), os.path.join(self.dir, "disk"),
                 "--fd", str(fd)]
         self._child = await self.state.supervisor.spawn(argv, name=f"nbdfuse-{self.id}",
                                                         pass_fds=[fd], log_to_file=False)
+        self._undo.add(self._stop_nbdfuse, "stop nbdfuse")
         sock.close()
         disk = os.path.join(self.dir, "disk")
         loop = asyncio.get_running_loop()
@@ -210,6 +215,7 @@ class Attachment(Session):
                              [losetup, "--find", "--show", "--direct-io=on",
                               *(["--read-only"] if self.read_only else []), disk], "losetup")
         self.device = out.strip()
+        self._undo.add(self._detach_loop, f"detach {self.device}")
 
     # --- watching ---
 
@@ -226,34 +232,41 @@ class Attachment(Session):
 
     # --- detaching ---
 
-    async def _teardown(self) -> None:
-        _unmount_device(self.mount_path, self.device)
-        if self.method == "nbdfuse" and self.device:
-            await _detach_loop(self.state.supervisor, self.device)
-        if self._nbd_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(self._nbd_fd, NBD_DISCONNECT)
-            if self._nbd_thread is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._nbd_thread), 10)
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(self._nbd_fd, NBD_CLEAR_SOCK)
-            os.close(self._nbd_fd)
-            self._nbd_fd = None
-            self._nbd_thread = None
+    # undo steps (see Session._teardown)
+
+    async def _detach_loop(self) -> None:
+        device, self.device = self.device, ""
+        await _detach_loop(self.state.supervisor, device)
+
+    async def _disconnect_nbd(self) -> None:
+        fd, self._nbd_fd = self._nbd_fd, None
+        thread, self._nbd_thread = self._nbd_thread, None
         self.device = ""
-        child, self._child = self._child, None
-        if child is not None:
+        if fd is None:
+            return
+        try:
             with contextlib.suppress(OSError):
-                kernel.unmount(self.dir)
+                fcntl.ioctl(fd, NBD_DISCONNECT)
+            if thread is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(thread), 10)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+        finally:
+            os.close(fd)
+
+    async def _stop_nbdfuse(self) -> None:
+        child, self._child = self._child, None
+        with contextlib.suppress(OSError):
+            kernel.unmount(self.dir)
+        if child is not None:
             await self.state.supervisor.stop(child, grace=2.0)
+
+    def _remove_dir(self) -> None:
         with contextlib.suppress(OSError):
             kernel.unmount(self.dir)
         with contextlib.suppress(OSError):
             os.rmdir(self.dir)
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await stream.aclose()
 
 
 def _do_it(fd: int) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 
 from metac import errors
 from metac.codec.refs import SturdyRef
-from metac.core.streams import OpenedStream, open_stream
+from metac.core.streams import open_stream
 from metac.core.supervisor import Child, require_program
 from metac.core.untrusted import bounded
 from metac.fs import kernel
@@ -139,7 +139,6 @@ class MountSession(Session):
         self.read_only = read_only
         self.local = local  # a FilesystemServer of this process, for bind mounts
         self.marker = f"metac:{mount_id}"
-        self._stream: OpenedStream | None = None
         self._child: Child | None = None
         self._ninep_fd: int | None = None
 
@@ -168,21 +167,27 @@ class MountSession(Session):
             fs = self.cap.cast_as(fs_schema.Filesystem)
             stream = (await bounded(fs.v9fsStream() if self.method == "9p" else fs.sftpStream(),
                                     "the filesystem")).stream
-            self._stream = await open_stream(stream, local_address=self.state.ctx.env.node_address,
-                                             node=self.node)
-            kernel.keepalive(self._stream.sock)
+            opened = await open_stream(stream, local_address=self.state.ctx.env.node_address,
+                                       node=self.node)
+            self._undo.add(opened.aclose, "close the connection")
+            kernel.keepalive(opened.sock)
             if self.method == "9p":
-                self._mount_9p(self._stream.sock)
+                self._mount_9p(opened.sock)
             else:
-                await self._mount_sshfs(self._stream.sock)
+                await self._mount_sshfs(opened.sock)
         self.status = "mounted"
         self._write_record()
         log.info("mounted %s at %s (%s)", self.source, self.path, self.method)
+
+    def _unmount_marked(self) -> None:
+        """Unmount (lazily) what this session mounted with its marker."""
+        kernel.remove_top(self.path, [self.marker])
 
     def _bind(self) -> None:
         kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
         fd = self.local.directory.fd
         kernel.mount(f"/proc/self/fd/{fd}", self.path, None, kernel.MS_BIND | kernel.MS_REC)
+        self._undo.add(self._unmount_bind, "unmount")
         if self.read_only or self.local.read_only:
             kernel.mount("none", self.path, None,
                          kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY)
@@ -192,6 +197,7 @@ class MountSession(Session):
         sock.setblocking(True)
         fd = sock.fileno()
         flags = kernel.MS_NOSUID | kernel.MS_NODEV | (kernel.MS_RDONLY if self.read_only else 0)
+        self._undo.add(self._unmount_marked, "unmount")
         try:
             kernel.mount(self.marker, self.path, "9p", flags, ninep_options(fd))
         except OSError as e:  # the kernel's 9p client or the server refused: say so
@@ -199,6 +205,7 @@ class MountSession(Session):
                                      f"{os.strerror(e.errno or 0)}; --method sftp "
                                      "mounts through sshfs instead") from e
         self._ninep_fd = os.dup(fd)  # for watching the TCP state; the kernel has its own
+        self._undo.add(self._close_ninep_fd, "close the watched socket")
         sock.close()
 
     async def _mount_sshfs(self, sock: socket.socket) -> None:
@@ -207,10 +214,12 @@ class MountSession(Session):
         kernel.remove_top(self.path, [kernel.PLACEHOLDER_SOURCE])
         sock.setblocking(True)
         fd = sock.fileno()
+        self._undo.add(self._unmount_marked, "unmount")  # last: after sshfs has gone
         self._child = await self.state.supervisor.spawn(
             sshfs_argv(sshfs, self.path, self.marker, read_only=self.read_only,
                        contain_symlinks_option=has_option),
             name=f"sshfs-{self.id}", stdin=fd, stdout=fd, log_to_file=False)
+        self._undo.add(self._stop_sshfs, "stop sshfs")
         sock.close()  # sshfs holds the connection now
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MOUNT_WAIT
@@ -244,22 +253,22 @@ class MountSession(Session):
         await super()._lost()
         self._write_record()
 
-    async def _teardown(self) -> None:
-        """Unmount (lazily), stop the helper, close the connection. Idempotent."""
-        kernel.remove_top(self.path, [self.marker])
-        if self.method == "bind" and self.status == "mounted":
-            with contextlib.suppress(OSError):
-                kernel.unmount(self.path)
+    # undo steps (see Session._teardown)
+
+    def _unmount_bind(self) -> None:
+        with contextlib.suppress(OSError):
+            kernel.unmount(self.path)
+
+    async def _stop_sshfs(self) -> None:
+        self._unmount_marked()  # lazily first: no new calls reach sshfs
         child, self._child = self._child, None
         if child is not None:
             await self.state.supervisor.stop(child, grace=2.0)
-            kernel.remove_top(self.path, [self.marker])
-        if self._ninep_fd is not None:
-            os.close(self._ninep_fd)
-            self._ninep_fd = None
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await stream.aclose()
+
+    def _close_ninep_fd(self) -> None:
+        fd, self._ninep_fd = self._ninep_fd, None
+        if fd is not None:
+            os.close(fd)
 
     async def _released(self) -> None:
         kernel.remove_top(self.path, [self.marker, kernel.PLACEHOLDER_SOURCE])

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from metac import errors
 from metac.codec.refs import SturdyRef
+from metac.core.holder import Revert
 from metac.core.untrusted import bounded
 from metac.fs.state import FsState
 
@@ -40,7 +41,11 @@ PROBE_TIMEOUT = 5.0  # asking the serving node whether the grant still exists
 
 
 class Session:
-    """Subclasses implement ``_connect``, ``_wait_broken``, ``_teardown`` and ``_record``."""
+    """Subclasses implement ``_connect``, ``_wait_broken`` and ``_record``.
+
+    ``_connect`` adds an undo step to ``self._undo`` (a ``core.holder.Revert``) for
+    each thing it sets up, as soon as it exists; ``_teardown`` runs them in reverse
+    order, so a connection that fails half-way is undone the same way."""
 
     RECORD_PREFIX: ClassVar[str]
     INTERFACE: ClassVar[Any]  # what ``target`` restores to
@@ -60,6 +65,7 @@ class Session:
         self.status = "connecting"
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
+        self._undo = Revert()
         #: Releases the session's holder (set by it, a weak method: no cycle).
         self.on_revoked: weakref.WeakMethod[Any] | None = None
 
@@ -80,8 +86,9 @@ class Session:
         raise NotImplementedError
 
     async def _teardown(self) -> None:
-        """Undo everything ``_connect`` did (idempotent)."""
-        raise NotImplementedError
+        """Undo everything ``_connect`` did, last step first (idempotent)."""
+        undo, self._undo = self._undo, Revert()
+        await undo.aclose()
 
     def _record(self) -> dict[str, Any]:
         raise NotImplementedError
