@@ -97,9 +97,9 @@ def test_service_logs_are_size_capped_and_rotated(topology_factory) -> None:
     env = {"METAC_LOG_SIZE": "64K", "METAC_LOG_FILES": str(files),
            "METAC_TEST_CHATTY_BYTES": str(4 << 20)}  # 4 MiB of noise: 21 times the cap
     with NodeHost(host, env=env) as a:
-        a.start({"chatty": "metac.testing.chatty"})
+        a.start({"demo": "metac.testing.chatty"})  # the demo service, after its noise
         log_dir = a.state_dir / "logs"
-        current = log_dir / "node.service-chatty.log"
+        current = log_dir / "node.service-demo.log"
         deadline = time.monotonic() + 30
         while b"chatty: done" not in current.read_bytes() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -114,7 +114,7 @@ def test_service_logs_are_size_capped_and_rotated(topology_factory) -> None:
         # The service is fine and its later log lines still arrive.
         ref = demo(a, "make-counter", "after-noise").stdout.strip()
         assert demo(a, "increment", ref, "2").stdout.strip() == "2"
-        svc = [s for s in status(a)["services"] if s["name"] == "chatty"]
+        svc = [s for s in status(a)["services"] if s["name"] == "demo"]
         assert svc[0]["state"] == "registered" and svc[0]["restarts"] == 0
     # The option of `node run` sets the same limits.
     assert "--log-size" in subprocess.run(
