@@ -95,11 +95,16 @@ def lock_node_dirs(*directories: str) -> list[int]:
     seen: set[str] = set()
     try:
         for directory in directories:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
             real = os.path.realpath(directory)
-            if real not in seen:
-                seen.add(real)
+            if real in seen:
+                continue
+            seen.add(real)
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
                 fds.append(lock_node_dir(directory))
+            except OSError as exc:
+                raise errors.FailedPrecondition(
+                    f"cannot use {directory}: {exc.strerror}") from None
     except BaseException:
         for fd in fds:
             os.close(fd)
