@@ -40,9 +40,11 @@ def parse_size(text: str) -> int:
     try:
         size = int(float(number) * _UNITS[unit])
     except ValueError:
-        raise errors.InvalidArgument(f"log size {text!r}: want bytes or a K/M/G size") from None
+        raise errors.InvalidArgument(
+            f"log size {text!r} (--log-size, METAC_LOG_SIZE): want bytes or a K/M/G size") from None
     if size < MIN_LOG_SIZE:
-        raise errors.InvalidArgument(f"log size {text!r} is below {MIN_LOG_SIZE} bytes")
+        raise errors.InvalidArgument(
+            f"log size {text!r} (--log-size, METAC_LOG_SIZE) is below {MIN_LOG_SIZE} bytes")
     return size
 
 
@@ -51,7 +53,8 @@ def log_limits() -> tuple[int, int]:
     size = parse_size(os.environ.get("METAC_LOG_SIZE") or str(DEFAULT_LOG_SIZE))
     files_text = os.environ.get("METAC_LOG_FILES") or str(DEFAULT_LOG_FILES)
     if not files_text.isdigit() or int(files_text) < 1:
-        raise errors.InvalidArgument(f"METAC_LOG_FILES={files_text!r}: want a count >= 1")
+        raise errors.InvalidArgument(
+            f"log files {files_text!r} (--log-files, METAC_LOG_FILES): want a count >= 1")
     return size, int(files_text)
 
 
