@@ -7,7 +7,9 @@ A :class:`NodeHost` owns one temporary directory (``state/``, ``run/``,
         --state-dir DIR --runtime-dir DIR [--extra-service NAME=module]...
 
 with stdout and stderr appended to ``node.log``. ``start()`` waits for a log
-line containing ``metac node ready``. The CLI runs the same way with
+line containing ``metac node ready``. A node expected to stop by itself (a
+damaged store) is ``start(wait=False)`` then ``wait_exit()``; one more node
+next to the running one (a refused second start) is ``run_node_expecting_exit()``. The CLI runs the same way with
 ``METAC_RUNTIME_DIR`` set (``NodeHost.metac(...)``).
 
 ``close()`` never relies on the node behaving: SIGTERM then SIGKILL for the
