@@ -282,3 +282,20 @@ def test_aliased_parameters_are_not_amplified_when_forwarded(nodes_factory, copi
     assert "pointers share data" in a.log_text()
     assert service_pid(a, "stream") == pids["stream"]
     assert demo(b, "increment", ref, "1") == "1"
+
+
+def test_parameters_that_do_not_match_the_schema_get_one_line(nodes_factory) -> None:
+    # restore's objectInfo is Data; here it is a list of texts. pycapnp reads the
+    # parameters before any handler of ours runs, and used to answer with its whole
+    # traceback (file paths, native addresses) to anybody on the network.
+    a, b = nodes_factory(2, DEMO)
+    with Attacker(b, a, "amplify", "--calls", "1", "--copies", "2", "--blob", "64",
+                  "--until-returns", "3", "--hold", "60") as attack:
+        attack.ready()
+        result = attack.result()
+    answers = result["returns"][0]
+    restore = [answer for answer in answers if answer.startswith("2 ")]
+    assert restore, answers
+    assert "InvalidArgument: the parameters of restore do not match its schema" in restore[0]
+    assert "Traceback" not in restore[0] and "File \"" not in restore[0]
+    assert service_pid(a, "stream")  # the service is still there

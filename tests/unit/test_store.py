@@ -397,3 +397,110 @@ def test_nested_refs_go_with_their_object(store: Store) -> None:
     assert dropped == [holder_obj]
     assert store.lookup(other) is not None and store.object_exists(inner_obj)
     assert count(store, "nested") == 0
+
+
+# --- opening safely: modes, damage, backup, restore -------------------------------------
+
+from metac import errors  # noqa: E402
+from metac.persistence.store import StoreDamaged, open_state, restore_backup  # noqa: E402
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def _overwrite(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _fill(state_dir, n: int = 50) -> None:
+    store, _ = open_state(str(state_dir), "i1")
+    for _ in range(n):
+        store.add_ref(new_digest(), add_object(store), True, None)
+    store.close()
+
+
+def test_open_state_fresh_files_are_private(tmp_path) -> None:
+    store, key = open_state(str(tmp_path), "i1")
+    assert len(key) == 32
+    add_object(store)
+    for name in ("refs.sqlite3", "refs.sqlite3-wal", "refs.sqlite3-shm", "refs.sqlite3.bak",
+                 "refs.sqlite3.id", "node.key"):
+        assert _mode(tmp_path / name) == 0o600, name
+    store.close()
+
+
+def test_open_state_tightens_loose_files(tmp_path) -> None:
+    _fill(tmp_path)
+    os.chmod(tmp_path / "refs.sqlite3", 0o644)
+    os.chmod(tmp_path / "node.key", 0o644)
+    store, _ = open_state(str(tmp_path), "i2")
+    store.close()
+    assert _mode(tmp_path / "refs.sqlite3") == 0o600
+    assert _mode(tmp_path / "node.key") == 0o600
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda p: os.truncate(p, 0), "the file is empty"),
+    (os.unlink, "the file is missing"),
+    (lambda p: os.truncate(p, os.path.getsize(p) // 2), "truncated"),
+    (lambda p: _overwrite(p, 0, b"garbage garbage garbage"), "not an SQLite file: bad header"),
+])
+def test_damaged_store_is_refused_and_restored(tmp_path, damage, what) -> None:
+    _fill(tmp_path, 300)
+    _fill(tmp_path, 0)  # a second start: its backup holds the 300 refs
+    db = str(tmp_path / "refs.sqlite3")
+    damage(db)
+    with pytest.raises(StoreDamaged) as info:
+        open_state(str(tmp_path), "i3")
+    msg = str(info.value)
+    assert f"the refs store {db} is damaged ({what}" in msg
+    assert f"metac node restore-store --state-dir {tmp_path}" in msg and "\n" not in msg
+    out = restore_backup(str(tmp_path))
+    assert out.startswith(f"restored {db} from the backup")
+    store, _ = open_state(str(tmp_path), "i4")
+    assert len(store.list_refs()) == 300
+    store.close()
+    assert _mode(db) == 0o600
+
+
+def test_integrity_failure_is_refused(tmp_path) -> None:
+    _fill(tmp_path, 300)
+    db = tmp_path / "refs.sqlite3"
+    with open(db, "r+b") as f:
+        for offset in range(4096, os.path.getsize(db), 4096):
+            f.seek(offset + 8)
+            f.write(b"\xff" * 200)
+    with pytest.raises(StoreDamaged, match="integrity check"):
+        open_state(str(tmp_path), "i2")
+
+
+def test_empty_valid_database_is_not_a_silent_fresh_start(tmp_path) -> None:
+    _fill(tmp_path)
+    os.unlink(tmp_path / "refs.sqlite3")
+    other = sqlite3.connect(tmp_path / "refs.sqlite3")
+    other.execute("CREATE TABLE t (x)")  # a valid database, of somebody else
+    other.close()
+    with pytest.raises(StoreDamaged, match="not the store this node had"):
+        open_state(str(tmp_path), "i2")
+
+
+def test_no_backup_says_so(tmp_path) -> None:
+    _fill(tmp_path)
+    os.unlink(tmp_path / "refs.sqlite3.bak")
+    os.truncate(tmp_path / "refs.sqlite3", 0)
+    with pytest.raises(StoreDamaged, match="there is no backup"):
+        open_state(str(tmp_path), "i2")
+    with pytest.raises(errors.NotFound):
+        restore_backup(str(tmp_path))
+
+
+def test_missing_key_with_sealed_refs_is_refused(tmp_path) -> None:
+    store, _ = open_state(str(tmp_path), "i1")
+    add_object(store, sealed=b"x" * 64)
+    store.close()
+    os.unlink(tmp_path / "node.key")
+    with pytest.raises(errors.FailedPrecondition, match="node key .* is missing"):
+        open_state(str(tmp_path), "i2")

@@ -40,7 +40,18 @@ def register(sub: Any) -> None:
                    help="admin socket and mounts (default /run/metac)")
     r.add_argument("--extra-service", action="append", default=[], metavar="NAME=MODULE",
                    help="also run python module MODULE as service NAME (repeatable)")
+    r.add_argument("--log-size", default=None, metavar="SIZE",
+                   help="cap of each service log file, e.g. 8M (default $METAC_LOG_SIZE or 8M)")
+    r.add_argument("--log-files", type=int, default=None, metavar="N",
+                   help="files kept per service log, the current one included "
+                        "(default $METAC_LOG_FILES or 4)")
     r.set_defaults(func=run_node)
+
+    rs = nsub.add_parser("restore-store",
+                         help="replace a damaged refs database by the backup taken at the "
+                              "node's last start (the node must be stopped)")
+    rs.add_argument("--state-dir", default=None, help="the node's state dir (default /var/lib/metac)")
+    rs.set_defaults(func=restore_store)
 
     s = nsub.add_parser("status", help="address and services of the local node")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -67,9 +78,10 @@ def register(sub: Any) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     from metac.core import paths
+    from metac.core.logfiles import log_limits
     from metac.core.process import run_daemon
     from metac.node.address import default_address
-    from metac.node.daemon import BUILTIN_SERVICES, NEEDS_ROOT, NodeConfig, run_node
+    from metac.node.daemon import BUILTIN_SERVICES, NEEDS_ROOT, NodeConfig, lock_dirs, run_node
 
     services = dict(BUILTIN_SERVICES)
     for spec in args.extra_service:
@@ -105,7 +117,39 @@ def run_node(args: argparse.Namespace) -> int:
         services=services,
         unavailable=unavailable,
     )
-    return run_daemon("metac-node", lambda: run_node(config))
+    # Services inherit the environment: one setting for every supervisor's logs.
+    if args.log_size is not None:
+        os.environ["METAC_LOG_SIZE"] = args.log_size
+    if args.log_files is not None:
+        os.environ["METAC_LOG_FILES"] = str(args.log_files)
+    log_limits()  # a bad value is an error now, not in every service
+    # Before anything else: a second node here would break the running one.
+    locks = lock_dirs(config)
+    try:
+        return run_daemon("metac-node", lambda: run_node(config))
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def restore_store(args: argparse.Namespace) -> int:
+    from metac import errors
+    from metac.core import paths
+    from metac.persistence.store import restore_backup
+
+    state_dir = paths.state_dir(args.state_dir)
+    if not os.path.isdir(state_dir):
+        raise errors.NotFound(f"no state dir {state_dir}")
+    try:
+        locks = paths.lock_node_dirs(state_dir)
+    except errors.FailedPrecondition as exc:
+        raise errors.FailedPrecondition(f"{exc}; stop it first") from None
+    try:
+        print(restore_backup(state_dir))
+    finally:
+        for fd in locks:
+            os.close(fd)
+    return 0
 
 
 #: CAP_NET_BIND_SERVICE: binding ports below 1024.

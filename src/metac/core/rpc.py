@@ -84,6 +84,33 @@ def _guard(name: str, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awai
     return guarded
 
 
+def _reading_params(cls_name: str, method: str) -> Callable[..., Awaitable[None]]:
+    """``<method>_context``, which pycapnp prefers over ``<method>``: the parameters are
+    read here, behind the boundary. pycapnp's own reader runs outside any handler, so
+    parameters that do not match the schema (a list where Data belongs, say) would
+    answer the caller with pycapnp's traceback, native addresses included."""
+
+    async def call(self: Any, context: Any) -> None:
+        try:
+            params = context.params
+            kwargs = {field: getattr(params, field) for field in params.schema.fieldnames}
+        except capnp.KjException:
+            raise wire_exception(errors.InvalidArgument(
+                f"the parameters of {method} do not match its schema")) from None
+        # The method is behind the boundary already (its errors leave as they are).
+        returned = await getattr(self, method)(_context=context, **kwargs)
+        try:
+            capnp.lib.capnp.fill_context(method, context, returned)
+        except Exception:
+            incident = secrets.token_hex(4)
+            log.exception("internal error in %s.%s results (incident %s)", cls_name, method,
+                          incident)
+            raise wire_exception(errors.Internal(f"incident {incident}")) from None
+
+    call.__name__ = method + "_context"
+    return call
+
+
 def _unsupported(cls_name: str, method: str) -> Callable[..., Awaitable[Any]]:
     async def unsupported(self: Any, **kwargs: Any) -> None:
         raise errors.Unsupported(f"{method} is not supported by this object")
@@ -115,6 +142,8 @@ class Servant:
         for method in getattr(schema, "method_names_inherited", ()) or ():
             if not hasattr(cls, method):
                 setattr(cls, method, _unsupported(cls.__name__, method))
+            if not hasattr(cls, method + "_context"):
+                setattr(cls, method + "_context", _reading_params(cls.__name__, method))
 
 
 @contextlib.asynccontextmanager

@@ -10,12 +10,13 @@ import os
 import resource
 import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from metac import errors
-from metac.core.paths import ServiceEnv, admin_socket
-from metac.core.process import sd_notify
+from metac.core.paths import ServiceEnv, admin_socket, lock_node_dirs, secure_private_dir
+from metac.core.process import EXIT_FATAL, FATAL_FILE_ENV, FatalError, read_fatal, sd_notify
 from metac.core.rpc import ConnectionLimits, serve_tcp, serve_unix
 from metac.core.supervisor import Child, Supervisor
 from metac.node.registry import Registry
@@ -85,8 +86,10 @@ class ServiceRunner:
     """Owns one service process: starts it, restarts it with backoff when it dies."""
 
     def __init__(self, name: str, module: str, supervisor: Supervisor, registry: Registry,
-                 env: ServiceEnv) -> None:
+                 env: ServiceEnv, on_fatal: Callable[[errors.MetacError], None]) -> None:
         self.name = name
+        self.on_fatal = on_fatal
+        self.fatal_file = os.path.join(env.runtime_dir, f"fatal.{name}")
         self.module = module
         self.supervisor = supervisor
         self.registry = registry
@@ -119,9 +122,12 @@ class ServiceRunner:
         environ.update(self.env.to_environ())
         # Keep a src/ checkout importable in the child.
         environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        environ[FATAL_FILE_ENV] = self.fatal_file
         loop = asyncio.get_running_loop()
         while True:
             self.state = "starting"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.fatal_file)
             self.child = await self.supervisor.spawn(
                 [sys.executable, "-m", self.module], name=f"service-{self.name}", env=environ)
             started = loop.time()
@@ -134,6 +140,14 @@ class ServiceRunner:
                     self.supervisor.forget(self.child)
                 self.registry.unregister_name(self.name)
             if self.stopping:
+                return
+            if code == EXIT_FATAL:
+                # Restarting would fail the same way (a damaged database...): stop the node.
+                self.state = "failed"
+                error = read_fatal(self.fatal_file) or errors.FailedPrecondition(
+                    f"service {self.name} cannot run (exit {code}); see {self.child.log_path}")
+                log.error("service %s failed for good; stopping the node", self.name)
+                self.on_fatal(error)
                 return
             if loop.time() - started > HEALTHY_AFTER:
                 backoff = BACKOFF_FIRST
@@ -158,7 +172,15 @@ def raise_fd_limit(want: int = WANT_NOFILE) -> int:
     return soft
 
 
+def lock_dirs(config: NodeConfig) -> list[int]:
+    """Lock the state and runtime dirs before anything in them is touched: a second node
+    there would reap this one's services and take over its admin socket. The fds hold the
+    locks for the life of the process."""
+    return lock_node_dirs(config.state_dir, config.runtime_dir)
+
+
 async def run_node(config: NodeConfig) -> int:
+    """Run the node until SIGTERM; the caller holds ``lock_dirs(config)``."""
     limits = ConnectionLimits.from_env()  # a bad METAC_RPC_* value stops the node here
     nofile = raise_fd_limit()
     if nofile != resource.RLIM_INFINITY and nofile < limits.max_total + 64:
@@ -166,6 +188,9 @@ async def run_node(config: NodeConfig) -> int:
                     "beyond it wait until fds are free", nofile, limits.max_total)
     for d in (config.state_dir, config.runtime_dir):
         os.makedirs(d, mode=0o700, exist_ok=True)
+    fixed = secure_private_dir(config.state_dir)
+    if fixed:
+        log.warning("%s", fixed)
     try:
         ipaddress.ip_address(config.address)
     except ValueError:
@@ -173,6 +198,13 @@ async def run_node(config: NodeConfig) -> int:
 
     if config.address_warning:
         log.warning("WARNING: %s", config.address_warning)
+    loop = asyncio.get_running_loop()
+    fatal: asyncio.Future[errors.MetacError] = loop.create_future()
+
+    def on_fatal(error: errors.MetacError) -> None:
+        if not fatal.done():
+            fatal.set_result(error)
+
     supervisor = Supervisor(config.state_dir, "node")
     link_logs(supervisor.log_dir, config.runtime_dir)
     await supervisor.reap_orphans()
@@ -181,7 +213,8 @@ async def run_node(config: NodeConfig) -> int:
     runners = [
         ServiceRunner(name, module, supervisor, registry, ServiceEnv(
             name=name, runtime_dir=config.runtime_dir, state_dir=config.state_dir,
-            node_address=config.address, node_port=config.port, node_instance=instance))
+            node_address=config.address, node_port=config.port, node_instance=instance),
+            on_fatal)
         for name, module in config.services.items()
     ]
     address = (config.address, config.port)
@@ -208,19 +241,23 @@ async def run_node(config: NodeConfig) -> int:
         async with asyncio.TaskGroup() as tg:
             for runner in runners:
                 tg.create_task(runner.run(), name=f"service {runner.name}")
-            await registry.wait_all()
-            log.info("metac node ready on %s (address %s: %s; admin socket %s; services: %s)",
-                     shown, config.address, config.address_reason, socket_path,
-                     ", ".join(config.services))
-            if config.address_warning:
-                log.warning("WARNING: %s", config.address_warning)
-            if config.unavailable:
-                log.warning("WARNING: not running as root: services %s do not run "
-                            "(metac node status says why)", ", ".join(config.unavailable))
-            sd_notify("READY=1")
+            ready = tg.create_task(registry.wait_all(), name="wait for services")
             try:
-                await asyncio.Event().wait()
+                await asyncio.wait({ready, fatal}, return_when=asyncio.FIRST_COMPLETED)
+                if not fatal.done():
+                    log.info("metac node ready on %s (address %s: %s; admin socket %s; "
+                             "services: %s)", shown, config.address, config.address_reason,
+                             socket_path, ", ".join(config.services))
+                    if config.address_warning:
+                        log.warning("WARNING: %s", config.address_warning)
+                    if config.unavailable:
+                        log.warning("WARNING: not running as root: services %s do not run "
+                                    "(metac node status says why)", ", ".join(config.unavailable))
+                    sd_notify("READY=1")
+                # Until SIGTERM (cancelled), or until a service fails for good.
+                await fatal
             finally:
+                ready.cancel()
                 sd_notify("STOPPING=1")
                 log.info("stopping services")
                 for runner in reversed(runners):
@@ -234,4 +271,4 @@ async def run_node(config: NodeConfig) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
         log.info("node stopped")
-    return 0
+    raise FatalError(fatal.result())

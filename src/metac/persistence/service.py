@@ -31,11 +31,11 @@ from metac.codec.refs import SturdyRef
 from metac.core.client import NodePool, ref_from_struct, ref_to_struct
 from metac.core.holder import HolderServer
 from metac.core.paths import ServiceEnv, admin_socket
-from metac.core.process import run_daemon
+from metac.core.process import FatalError, run_daemon
 from metac.core.rpc import Servant, connect_unix
-from metac.core.sealing import load_or_create_key, seal, unseal
+from metac.core.sealing import seal, unseal
 from metac.core.tasks import TaskSet
-from metac.persistence.store import Revoked, Store, secret_hash, short_id_of
+from metac.persistence.store import Revoked, Store, open_state, secret_hash, short_id_of
 from metac.schema.load import core, persistence
 
 log = logging.getLogger("metac.persistence")
@@ -505,9 +505,12 @@ class BootstrapServer(Servant, core.Service.Server):
 
 async def serve() -> int:
     env = ServiceEnv.from_environ("persistence")
+    os.umask(0o077)  # everything this service writes is for root only
     os.makedirs(env.state_dir, mode=0o700, exist_ok=True)
-    store = Store(os.path.join(env.state_dir, "refs.sqlite3"), env.node_instance)
-    key = load_or_create_key(os.path.join(env.state_dir, "node.key"))
+    try:
+        store, key = open_state(env.state_dir, env.node_instance)
+    except errors.FailedPrecondition as exc:
+        raise FatalError(exc) from None  # restarting cannot help: stop the node, say why
     purged = store.purge_stale()
     if purged:
         log.info("dropped %d non-persistent ref(s) of an earlier node run", purged)

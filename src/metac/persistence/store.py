@@ -11,16 +11,31 @@ every deletion returns the refs it revoked, (hash, service) pairs, for
 persistence to tell the services (who then cut what they handed out).
 ``nested`` names the refs of this node that an object's description holds
 (sealed): they are revoked when the object goes, so they never outlive it.
+
+:func:`open_state` opens it safely: files 0600, a damaged file (empty,
+truncated, bad header, failing ``PRAGMA integrity_check``, or another store
+than the one this state dir had) is refused with one line saying how to
+restore the backup, which is taken after every successful check
+(``refs.sqlite3.bak``, SQLite's online backup). ``refs.sqlite3.id`` beside
+the database holds the store's id: once a store was initialised here, a
+missing or empty database is damage, not a fresh start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import secrets
 import sqlite3
+import stat
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from metac import errors
+from metac.core.sealing import SealError, load_or_create_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -324,3 +339,249 @@ class Store:
                                                  (gid,))
             self.db.execute("DELETE FROM groups WHERE id = ?", (gid,))
         return revoked, dropped
+
+
+# --- opening safely: modes, damage, backup ---------------------------------------------
+
+DB_NAME = "refs.sqlite3"
+KEY_NAME = "node.key"
+SQLITE_MAGIC = b"SQLite format 3\0"
+SIDE_FILES = ("-wal", "-shm")
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    state_dir: str
+
+    @property
+    def db(self) -> str:
+        return os.path.join(self.state_dir, DB_NAME)
+
+    @property
+    def backup(self) -> str:
+        return self.db + ".bak"
+
+    @property
+    def marker(self) -> str:
+        return self.db + ".id"
+
+    @property
+    def key(self) -> str:
+        return os.path.join(self.state_dir, KEY_NAME)
+
+
+class StoreDamaged(errors.FailedPrecondition):
+    """The refs store cannot be used as it is; the message says what to do."""
+
+
+def restore_command(state_dir: str) -> str:
+    return f"metac node restore-store --state-dir {state_dir}"
+
+
+def _damaged(files: StoreFiles, what: str) -> StoreDamaged:
+    if os.path.exists(files.backup):
+        taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(files.backup)))
+        todo = (f"restore the backup taken at the node's last good start ({taken}) with "
+                f"`{restore_command(files.state_dir)}`, then start the node again")
+    else:
+        todo = (f"there is no backup ({files.backup}): move {files.db} away to start with an "
+                "empty store (every ref it held is lost)")
+    return StoreDamaged(f"the refs store {files.db} is damaged ({what}); {todo}")
+
+
+def _private(path: str) -> None:
+    """Tighten an existing file to 0600 (descriptions hold secrets: env vars of `run -e`)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` empty with mode 0600 if missing, before SQLite creates it (0644)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+def check_file(path: str) -> str | None:
+    """What is wrong with the SQLite file at ``path`` before opening it (None: nothing seen)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except FileNotFoundError:
+        return "the file is missing"
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
+    if size == 0:
+        return "the file is empty"
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        return "not an SQLite file: bad header"
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    pages, counter, valid_for = (struct.unpack(">I", header[i:i + 4])[0] for i in (28, 24, 92))
+    if pages and counter == valid_for and size < pages * page_size:
+        return f"truncated: {size} bytes, its header says {pages * page_size}"
+    return None
+
+
+def check_integrity(db: sqlite3.Connection) -> str | None:
+    """``PRAGMA integrity_check`` in one line (None if ok)."""
+    try:
+        rows = db.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return f"integrity check: {exc}"
+    if rows == [("ok",)]:
+        return None
+    first = " ".join(str(rows[0][0]).split())
+    return f"integrity check: {first[:160]}"
+
+
+def _store_id(db: sqlite3.Connection) -> str | None:
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return str(row[0]) if row else None
+
+
+def _read_marker(files: StoreFiles) -> str | None:
+    try:
+        with open(files.marker, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _write_private(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _backup(db: sqlite3.Connection, target: str) -> None:
+    """SQLite's online backup of ``db`` into ``target`` (0600), replaced atomically."""
+    tmp = target + ".tmp"
+    for suffix in ("", *SIDE_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp + suffix)
+    _create_private(tmp)
+    dst = sqlite3.connect(tmp)
+    try:
+        db.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+    finally:
+        dst.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def open_state(state_dir: str, instance: str) -> tuple[Store, bytes]:
+    """The checked refs store and the node key; StoreDamaged (one line: the file, what
+    is wrong, how to restore) instead of opening a damaged or silently empty store."""
+    files = StoreFiles(state_dir)
+    expected_id = _read_marker(files)
+    initialised = expected_id is not None or os.path.exists(files.backup)
+    problem = check_file(files.db)
+    if problem == "the file is missing" and not initialised:
+        problem = None
+        _create_private(files.db)
+    elif problem == "the file is empty" and not initialised:
+        problem = None
+    if problem:
+        raise _damaged(files, problem)
+    for suffix in ("", *SIDE_FILES):
+        _private(files.db + suffix)
+    store: Store | None = None
+    try:
+        try:
+            store = Store(files.db, instance)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(files, f"SQLite: {exc}") from None
+        problem = check_integrity(store.db)
+        if problem:
+            raise _damaged(files, problem)
+        found_id = _store_id(store.db)
+        if expected_id is not None and found_id != expected_id:
+            raise _damaged(files, f"it is not the store this node had: store id {found_id} in "
+                                  f"the file, {expected_id} in {files.marker}")
+        if found_id is None:
+            if initialised:
+                raise _damaged(files, "it is not the store this node had: it has no store id")
+            found_id = secrets.token_hex(16)
+            store.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (found_id,))
+        key = _load_key(files, store)
+        _backup(store.db, files.backup)
+        if expected_id != found_id:
+            _write_private(files.marker, f"{found_id}\n".encode())
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    return store, key
+
+
+def _load_key(files: StoreFiles, store: Store) -> bytes:
+    sealed = store.db.execute(
+        "SELECT 1 FROM objects WHERE sealed_caps IS NOT NULL LIMIT 1").fetchone()
+    if sealed and not os.path.exists(files.key):
+        raise errors.FailedPrecondition(
+            f"the node key {files.key} is missing and the refs store holds refs sealed with it; "
+            "restore it from a backup of the state dir (a new key cannot open them)")
+    try:
+        key = load_or_create_key(files.key)
+    except SealError as exc:
+        raise errors.FailedPrecondition(
+            f"{exc}; restore it from a backup of the state dir") from None
+    _private(files.key)
+    return key
+
+
+def restore_backup(state_dir: str) -> str:
+    """Put the backup in place of the store (the node must be stopped); what was done.
+
+    The current database files are kept, renamed ``refs.sqlite3.damaged-<time>``.
+    """
+    files = StoreFiles(state_dir)
+    problem = check_file(files.backup)
+    if problem == "the file is missing":
+        raise errors.NotFound(f"no backup of the refs store: {files.backup} is missing")
+    if problem:
+        raise errors.FailedPrecondition(f"the backup {files.backup} is damaged too ({problem})")
+    tmp = files.db + ".restore"
+    for suffix in ("", *SIDE_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp + suffix)
+    _create_private(tmp)
+    with open(files.backup, "rb") as src, open(tmp, "r+b") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    db = sqlite3.connect(tmp)
+    try:
+        problem = check_integrity(db)
+        found_id = _store_id(db)
+    finally:
+        db.close()
+    if problem:
+        os.unlink(tmp)
+        raise errors.FailedPrecondition(f"the backup {files.backup} is damaged too ({problem})")
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in ("", *SIDE_FILES):
+        if os.path.lexists(files.db + suffix):
+            aside = f"{files.db}.damaged-{stamp}{suffix}"
+            os.replace(files.db + suffix, aside)
+            moved.append(aside)
+    os.replace(tmp, files.db)
+    if found_id is not None:
+        _write_private(files.marker, f"{found_id}\n".encode())
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(files.backup)))
+    kept = f"; the damaged files were kept as {', '.join(moved)}" if moved else ""
+    return (f"restored {files.db} from the backup taken at {taken} (refs made after that are "
+            f"gone){kept}")
