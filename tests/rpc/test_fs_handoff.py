@@ -1,4 +1,4 @@
-"""core.streams.HandoffStreamServer (added for the fs service): the connection goes to a callback."""
+"""fs.handoff.HandoffStreamServer: the connection goes to a callback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import socket
 
 from metac.core.pump import Endpoint
-from metac.core.streams import HandoffStreamServer, StreamHost, memory_pair, open_stream
+from metac.core.streams import StreamHost, memory_pair, open_stream
+from metac.fs.handoff import HandoffStreamServer
 from metac.schema.load import stream
 from metac.testing.inproc import run
 

@@ -62,3 +62,70 @@ def test_every_service_package_has_the_uniform_shape() -> None:
         init = (pkg / "__init__.py").read_text()
         assert ast.get_docstring(ast.parse(init)), f"{service}/__init__.py needs a docstring"
         assert (pkg / "__main__.py").exists(), f"{service} has no __main__.py"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Imports made when the module loads (``if TYPE_CHECKING:`` blocks included; imports
+    inside functions, made when called, are not)."""
+    names: set[str] = set()
+    todo = list(ast.parse(path.read_text(), str(path)).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.If, ast.Try)):
+            todo.extend(ast.iter_child_nodes(node))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_import_cycles() -> None:
+    """No module imports itself through others (type-checking imports included)."""
+    paths = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {name: {i for i in _module_level_imports(path) if i in paths and i != name}
+             for name, path in paths.items()}
+    # A package's __init__ importing its own modules is how packages work, not a cycle.
+    for name in graph:
+        graph[name] = {i for i in graph[name] if not name.startswith(i + ".")}
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(name):] + [name]))
+        if name in done:
+            return
+        for other in sorted(graph[name]):
+            visit(other, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+#: Pure parsers live in codec: the protocol and file formats services speak or read.
+CODEC_PARSERS = {"nbdproto": "ClientHandshake", "mountinfo": "parse_mountinfo"}
+
+
+def test_codec_holds_the_pure_parsers() -> None:
+    for module, name in CODEC_PARSERS.items():
+        assert name in (SRC / "codec" / f"{module}.py").read_text()
+    for path in SRC.rglob("*.py"):
+        if path.parent.name == "codec":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        defined = {n.name for n in ast.walk(tree)
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        copies = defined & set(CODEC_PARSERS.values())
+        assert not copies, f"{path.relative_to(SRC)} defines {sorted(copies)}: use metac.codec"
+        text = path.read_text()
+        assert '"/proc/self/mountinfo"' not in text, \
+            f"{path.relative_to(SRC)} reads mountinfo itself: use metac.codec.mountinfo"

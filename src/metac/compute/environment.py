@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import time
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from metac import errors
+from metac.codec.mountinfo import PATH as MOUNTINFO
+from metac.codec.mountinfo import parse_mountinfo
 from metac.compute import oci
 from metac.compute.reaper import Watched, reap_strays
 from metac.compute.runtime import OciRuntime
@@ -154,14 +155,8 @@ OWN_DIRS = ("bundle",)
 
 def mount_points() -> set[str]:
     """Every mount point of our mount namespace (from /proc/self/mountinfo)."""
-    points = set()
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4:
-                points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                                  fields[4]))
-    return points
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        return {e.mountpoint for e in parse_mountinfo(f.read())}
 
 
 def remove_env_dir(path: str) -> bool:

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metac import errors
+from metac.codec.mountinfo import PATH as MOUNTINFO
+from metac.codec.mountinfo import parse_mountinfo
 from metac.core.supervisor import Supervisor, require_program
 
 log = logging.getLogger(__name__)
@@ -45,25 +47,13 @@ HIDE_UNIFIED_SCRIPT = (
 # --- the host's cgroup layout (pure) --------------------------------------------
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def cgroup_layout(mountinfo: str, root: str = CGROUP_ROOT) -> str:
     """``"v2"``, ``"hybrid"`` or ``"v1"`` from the text of /proc/self/mountinfo.
 
     The last mount at a path is the visible one. No cgroup mount at all counts
     as ``"v1"`` (the runtimes then fail with their own message).
     """
-    fstypes: dict[str, str] = {}
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if len(fields) < 5 or sep + 1 >= len(fields):
-            continue
-        fstypes[_unescape(fields[4])] = fields[sep + 1]
+    fstypes = {e.mountpoint: e.fstype for e in parse_mountinfo(mountinfo)}
     top = fstypes.get(root)
     if top == "cgroup2":
         return "v2"
@@ -74,7 +64,7 @@ def cgroup_layout(mountinfo: str, root: str = CGROUP_ROOT) -> str:
 
 def host_cgroup_layout() -> tuple[str, str]:
     """(layout, controllers enabled in the unified hierarchy) of this host."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
         layout = cgroup_layout(f.read())
     controllers = ""
     if layout == "hybrid":

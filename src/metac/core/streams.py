@@ -10,8 +10,8 @@ server serves is a source from ``metac.core.sources``. Here:
   ``StreamHost.listen_timeout``. ``bindTo`` opens the source and the other
   stream (with ``open_stream``) and pumps between them. Both return a holder:
   dropping or releasing it closes everything they opened.
-* ``HandoffStreamServer`` authorizes the connection the same way but hands it
-  to a callback (a program that speaks the protocol itself) instead of pumping.
+* ``Session`` is one use of a stream; a subclass may hand its connection to a
+  program instead of pumping it (the fs service's ``fs.handoff``).
 * ``open_stream`` is the client side: bind our address with port 0 (no
   SO_REUSEADDR), ask for ``tcpListen`` with that address and port, connect
   from that socket. The bytes go straight between the two machines, whichever
@@ -33,13 +33,12 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from metac import errors
 from metac.core.holder import HolderServer
 from metac.core.pump import OUR_FIN_UNACKED, Endpoint, Pump, tcp_state
-from metac.core.rpc import rpc_errors
 from metac.core.service import Description, PersistableMixin, ServiceContext
 from metac.core.sources import (
     CONNECT_TIMEOUT,
@@ -347,15 +346,6 @@ class BindHolder(PersistableMixin, HolderServer):
         return Description(self.CATEGORY, {}, caps=list(self._streams), active=True)
 
 
-async def restore_bind(data: dict[str, Any], caps: list[Any]) -> Any:
-    """Restorer for ``BindHolder.CATEGORY``: bind the two streams again."""
-    if len(caps) != 2:
-        raise errors.InvalidArgument("a bind holds exactly two streams")
-    first, second = (cap.cast_as(stream_schema.Stream) for cap in caps)
-    async with rpc_errors():
-        return (await first.bindTo(second)).holder
-
-
 def memory_pair(host: StreamHost, name: str = "memory") -> tuple[StreamServer, socket.socket]:
     """A Stream whose other end is a socket in this process."""
     ours, theirs = socket.socketpair()
@@ -476,75 +466,3 @@ async def open_stream(cap: Any, *, local_address: str, node: str | None = None,
         raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return OpenedStream(sock, holder, cap)
-
-
-# --- handing the connection to a program (added for the fs service) -----------------
-#
-# Some services do not pump a stream: they run a program that speaks the protocol on
-# the connection itself (diod on --rfdno/--wfdno, sftp-server and `nbdkit -s` on
-# stdin/stdout). ``HandoffStreamServer`` authorizes the one connection exactly as
-# ``StreamServer`` does (same listener, same peer check, same timeout) and then hands
-# it to a callback instead of a source.
-
-Serve = Callable[[Endpoint], Awaitable[None]]
-
-
-class HandoffSession(Session):
-    """A Session that gives its connection to ``serve(endpoint)`` instead of pumping it.
-
-    ``serve`` owns the connection while it runs (the endpoint's fd is non-blocking; it
-    may pass the fd to a child and close its own copy with ``endpoint.close()``). The
-    session ends when ``serve`` returns; stopping it (holder released or dropped)
-    cancels ``serve``, which must then stop what it started.
-    """
-
-    def __init__(self, host: StreamHost, serve: Serve, name: str) -> None:
-        super().__init__(host, Endpoint(-1, -1, shutdown_write=lambda: None,
-                                        close=lambda: None, name="handoff"), name)
-        self._serve = serve
-
-    def start_serving(self, endpoint: Endpoint) -> None:
-        """Serve an endpoint that is already connected (one end of a bindTo pair)."""
-
-        async def given() -> Endpoint:
-            return endpoint
-
-        self._start(given())
-
-    async def _run(self, get_peer: Any) -> None:
-        peer: Endpoint | None = None
-        try:
-            peer = await get_peer
-            if peer is not None and not self._stopping:
-                await self._serve(peer)
-        finally:
-            if peer is not None:
-                peer.close()
-            await self._cleanup()
-
-
-class HandoffStreamServer(StreamServer):
-    """A Stream whose every use hands one new connection to ``serve`` (see HandoffSession)."""
-
-    def __init__(self, host: StreamHost, serve: Serve, *, name: str = "stream",
-                 ctx: ServiceContext | None = None,
-                 description: Description | None = None) -> None:
-        super().__init__(host, Source(), name=name, ctx=ctx, description=description)
-        self._serve = serve
-
-    async def _listening_session(self, name: str) -> Session:
-        return HandoffSession(self._host, self._serve, name)
-
-    async def bindTo(self, other: Any, _context: Any, **kwargs: Any) -> None:
-        remote = await self._host.open_remote(other.cast_as(stream_schema.Stream))
-        ours, theirs = socket.socketpair()
-        served = HandoffSession(self._host, self._serve, f"{self._name} bound")
-        served.start_serving(Endpoint.of_socket(ours, name=self._name))
-        piped = Session(self._host, Endpoint.of_socket(theirs, name=self._name),
-                        f"{self._name} bound")
-        piped.start_pumping(remote)
-
-        async def close() -> None:
-            await asyncio.gather(piped.aclose(), served.aclose())
-
-        _context.results.holder = HolderServer(close, f"{self._name} bind")

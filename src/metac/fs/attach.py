@@ -24,11 +24,12 @@ import socket
 from typing import Any
 
 from metac import errors
+from metac.codec import nbdproto
 from metac.codec.refs import SturdyRef
 from metac.core.streams import open_stream
 from metac.core.supervisor import Child, Supervisor, require_program
 from metac.core.untrusted import bounded
-from metac.fs import kernel, nbdproto
+from metac.fs import kernel
 from metac.fs.session import Session, records
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema

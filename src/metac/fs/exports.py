@@ -28,9 +28,9 @@ from typing import Any
 
 from metac import errors
 from metac.core.service import Description, PersistableMixin
-from metac.core.streams import HandoffStreamServer
 from metac.core.supervisor import require_program
 from metac.fs import servers, squash
+from metac.fs.handoff import HandoffStreamServer
 from metac.fs.resolve import Directory, Entry, parse_name
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema

@@ -25,9 +25,10 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from metac import errors
+from metac.codec.mountinfo import PATH as MOUNTINFO
+from metac.codec.mountinfo import MountEntry, parse_mountinfo
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -68,41 +69,8 @@ def unmount(target: str, *, lazy: bool = True) -> bool:
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    root: str
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 3 < len(text) and text[i + 1:i + 4].isdigit():
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(tail) < 2:
-            continue
-        entries.append(MountEntry(int(fields[0]), _unescape(fields[3]), _unescape(fields[4]),
-                                  tail[0], _unescape(tail[1])))
-    return entries
-
-
 def mountinfo() -> list[MountEntry]:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
         return parse_mountinfo(f.read())
 
 

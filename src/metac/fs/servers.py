@@ -1,6 +1,6 @@
 """Serving one data connection: diod (9P), sftp-server (SFTP), nbdkit (NBD), plain file bytes.
 
-Each ``serve_*`` coroutine is the callback of a ``core.streams.HandoffStreamServer``:
+Each ``serve_*`` coroutine is the callback of a ``fs.handoff.HandoffStreamServer``:
 it gets the one authorized connection (an ``Endpoint``), starts the server program
 on it through the supervisor, sandboxed (``sandbox``), closes its own copy of the
 fd, and waits until the program exits (the peer closed the connection). If it is

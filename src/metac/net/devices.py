@@ -31,17 +31,25 @@ import logging
 import os
 import secrets
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from metac import errors
 from metac.codec.locators import LocatorError, check_ifname
 from metac.net import links
 from metac.net.links import Link, Marker
 
-if TYPE_CHECKING:
-    from metac.net.state import Net
-
 log = logging.getLogger(__name__)
+
+
+class DeviceOwner(Protocol):
+    """What a DeviceTable needs of the service state that owns it (``net.state.Net``)."""
+
+    netlink: links.Netlink
+    keep: KeepList
+    closing: bool
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
 
 
 def new_id() -> str:
@@ -130,7 +138,7 @@ class Device:
 class DeviceTable:
     """Devices by token and owned devices by id; deletes an owned device nobody refers to."""
 
-    def __init__(self, net: Net) -> None:
+    def __init__(self, net: DeviceOwner) -> None:
         self._net = net
         self._owned: weakref.WeakValueDictionary[str, Device] = weakref.WeakValueDictionary()
         self._tokens: weakref.WeakValueDictionary[bytes, Device] = weakref.WeakValueDictionary()
@@ -235,7 +243,7 @@ class DeviceTable:
                     await self._net.netlink.delete(dev.index)
 
 
-def _forget_owned(net_ref: weakref.ref[Net], dev_id: str, index: int) -> None:
+def _forget_owned(net_ref: weakref.ref[DeviceOwner], dev_id: str, index: int) -> None:
     """Finalizer of an owned Device: nobody refers to it any more, so delete it."""
     net = net_ref()
     if net is None or net.closing:
@@ -250,22 +258,3 @@ def _forget_owned(net_ref: weakref.ref[Net], dev_id: str, index: int) -> None:
 
     with contextlib.suppress(RuntimeError):
         net.spawn(delete(), f"delete interface {dev_id}")
-
-
-async def sweep_unclaimed(net: Net, delay: float) -> None:
-    """After ``delay``, forget what no restorer claimed (its refs are gone): the peers of
-    binds that were not restored, and kept devices (deleted)."""
-    await asyncio.sleep(delay)
-    for bind_id in set(net.keep.peers) - set(net.actions):
-        net.keep.discard_peer(bind_id)
-    claimed = net.devices.owned_ids()
-    stale = net.keep.devices - claimed
-    if not stale:
-        return
-    for link in await net.netlink.links():
-        marker = link.marker
-        if marker is not None and marker.owner in stale and marker.role == "dev":
-            await net.netlink.delete(link.index)
-            log.info("deleted unclaimed interface %s", link.name)
-    for dev_id in stale:
-        net.keep.discard_device(dev_id)

@@ -26,11 +26,11 @@ from metac.core.service import (
 )
 from metac.net import links
 from metac.net.binds import Bind, open_bind, restore_bind
-from metac.net.devices import Device, KeepList, sweep_unclaimed, valid_ifname
+from metac.net.devices import Device, KeepList, valid_ifname
 from metac.net.firewall import Firewall, find_nft
 from metac.net.links import Netlink
 from metac.net.ports import PortPool, check_peer_ip, check_port, check_vni, port_range_from_env
-from metac.net.state import Net
+from metac.net.state import Net, sweep_unclaimed
 from metac.net.tunnels import TunnelEnd, open_tunnel_end
 from metac.schema.load import network
 

@@ -93,3 +93,22 @@ class Net:
         with contextlib.suppress(Exception):
             await self.firewall.reset()
         await self.netlink.aclose()
+
+
+async def sweep_unclaimed(net: Net, delay: float) -> None:
+    """After ``delay``, forget what no restorer claimed (its refs are gone): the peers of
+    binds that were not restored, and kept devices (deleted)."""
+    await asyncio.sleep(delay)
+    for bind_id in set(net.keep.peers) - set(net.actions):
+        net.keep.discard_peer(bind_id)
+    claimed = net.devices.owned_ids()
+    stale = net.keep.devices - claimed
+    if not stale:
+        return
+    for link in await net.netlink.links():
+        marker = link.marker
+        if marker is not None and marker.owner in stale and marker.role == "dev":
+            await net.netlink.delete(link.index)
+            log.info("deleted unclaimed interface %s", link.name)
+    for dev_id in stale:
+        net.keep.discard_device(dev_id)

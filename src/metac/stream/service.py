@@ -12,15 +12,10 @@ from typing import Any
 
 from metac import errors
 from metac.codec.locators import LocatorError, TcpEndpoint, UnixEndpoint
-from metac.core.rpc import Servant
+from metac.core.rpc import Servant, rpc_errors
 from metac.core.service import Description, ServiceContext, ServiceDefinition, run_service
 from metac.core.sources import TcpSource, UnixSource
-from metac.core.streams import (
-    LISTEN_TIMEOUT,
-    StreamHost,
-    StreamServer,
-    restore_bind,
-)
+from metac.core.streams import LISTEN_TIMEOUT, StreamHost, StreamServer
 from metac.schema.load import stream
 
 log = logging.getLogger("metac.stream")
@@ -90,7 +85,12 @@ class StreamService(ServiceDefinition):
             raise errors.InvalidArgument("corrupt unix stream description") from None
 
     async def restore_bind(self, data: dict[str, Any], caps: list[Any]) -> Any:
-        return await restore_bind(data, caps)
+        """A persistent bind (``core.streams.BindHolder``): bind the two streams again."""
+        if len(caps) != 2:
+            raise errors.InvalidArgument("a bind holds exactly two streams")
+        first, second = (cap.cast_as(stream.Stream) for cap in caps)
+        async with rpc_errors():
+            return (await first.bindTo(second)).holder
 
     async def aclose(self) -> None:
         await self.host.aclose()

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import metac
+from metac.codec.mountinfo import PATH as MOUNTINFO
+from metac.codec.mountinfo import parse_mountinfo
 from metac.testing import netns as _netns
 from metac.testing.netns import Host
 
@@ -104,28 +106,13 @@ def process_tree(root: int) -> set[int]:
     return seen
 
 
-def _unescape_mountinfo(field_: str) -> str:
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and i + 3 < len(field_) and field_[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field_[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
 def mountpoints(under: Iterable[str | os.PathLike[str]] | None = None) -> list[str]:
     """Mount points from /proc/self/mountinfo, in mount order; only below ``under`` if given."""
     roots = None if under is None else [os.path.realpath(r) for r in under]
     result = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 5:
-                continue
-            mp = _unescape_mountinfo(fields[4])
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        for entry in parse_mountinfo(f.read()):
+            mp = entry.mountpoint
             if roots is None or any(mp == r or mp.startswith(r.rstrip("/") + "/") for r in roots):
                 result.append(mp)
     return result

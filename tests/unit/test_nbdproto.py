@@ -1,4 +1,4 @@
-"""metac.fs.nbdproto: the client side of the NBD fixed-newstyle handshake (sans-IO)."""
+"""metac.codec.nbdproto: the client side of the NBD fixed-newstyle handshake (sans-IO)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metac.fs import nbdproto as p
+from metac.codec import nbdproto as p
 
 GREETING = b"NBDMAGIC" + struct.pack(">QH", p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
 
