@@ -14,6 +14,10 @@ Example::
             print((await counter.increment(1)).value)
 
     asyncio.run(capnp.run(main()))
+
+Streams: ``open_stream(cap, local_address=...)`` opens a Stream capability as a
+socket (``OpenedStream``); ``pipe_endpoints`` and ``Pump`` copy bytes between
+``Endpoint``s.
 """
 
 from __future__ import annotations
@@ -22,18 +26,26 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from metac.codec.refs import RefError, SturdyRef
+from metac.codec.refs import DEFAULT_PORT, RefError, SturdyRef
 from metac.core import paths
 from metac.core.client import NodePool, ref_from_struct, ref_to_struct, telling_if_slow
+from metac.core.pump import Endpoint, Pump, pipe_endpoints
 from metac.core.rpc import connect_tcp, connect_unix, rpc_errors
+from metac.core.streams import OpenedStream, local_address_for, open_stream
 from metac.schema import load as schema
 
 __all__ = [
+    "Endpoint",
     "NodePool",
+    "OpenedStream",
+    "Pump",
     "RefError",
     "SturdyRef",
     "connect_admin",
     "connect_node",
+    "local_address_for",
+    "open_stream",
+    "pipe_endpoints",
     "ref_from_struct",
     "ref_to_struct",
     "rpc_errors",
@@ -51,7 +63,7 @@ async def connect_admin(runtime_dir: str | None = None) -> AsyncIterator[Any]:
 
 
 @contextlib.asynccontextmanager
-async def connect_node(address: str, port: int = 901) -> AsyncIterator[Any]:
+async def connect_node(address: str, port: int = DEFAULT_PORT) -> AsyncIterator[Any]:
     """The unprivileged Node of any node, over TCP."""
     async with connect_tcp(address, port) as conn:
         yield conn.bootstrap(schema.core.Node)

@@ -129,3 +129,12 @@ def test_codec_holds_the_pure_parsers() -> None:
         text = path.read_text()
         assert '"/proc/self/mountinfo"' not in text, \
             f"{path.relative_to(SRC)} reads mountinfo itself: use metac.codec.mountinfo"
+
+
+def test_cli_opens_streams_through_the_api() -> None:
+    """CLI modules reach streams and pumps through metac.api (cli/connect.py holds the
+    connections), never core.pump/core.streams directly."""
+    for path in _modules("cli"):
+        bad = {name for name in _imports(path)
+               if name.startswith(("metac.core.pump", "metac.core.streams"))}
+        assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)}: use metac.api"

@@ -26,8 +26,16 @@ import tty
 from typing import Any
 
 from metac import errors
-from metac.api import NodePool, SturdyRef, connect_admin, ref_from_struct, rpc_errors, schema
-from metac.api import service_admin as get_service_admin
+from metac.api import (
+    Endpoint,
+    OpenedStream,
+    Pump,
+    open_stream,
+    ref_from_struct,
+    rpc_errors,
+    schema,
+)
+from metac.cli.connect import Connection, connection
 from metac.cli.output import as_json, local_path, mirror_url, suite_name, table
 from metac.codec.locators import LocalPath, Locator, NewLocal, RefLocator
 from metac.codec.runspecs import (
@@ -37,8 +45,6 @@ from metac.codec.runspecs import (
     env_option,
     signal_number,
 )
-from metac.core.pump import Endpoint, Pump
-from metac.core.streams import OpenedStream, local_address_for, open_stream
 
 OUTPUT_GRACE = 5.0  # after the process ended, how long its output may take to arrive
 
@@ -113,64 +119,45 @@ def register(sub: Any) -> None:
 # ---------------------------------------------------------------- resolving URIs
 
 
-class Resolver:
-    """Capabilities for the URIs of one command; local: ones come from this node."""
+async def compute_admin(conn: Connection) -> Any:
+    return await conn.service_admin("compute", schema.compute.ComputeServiceAdmin)
 
-    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
-        self._stack = stack
-        self.pool: NodePool | None = None
-        self._admin: Any = None
 
-    async def admin(self) -> Any:
-        if self._admin is None:
-            self._admin = await self._stack.enter_async_context(connect_admin())
-        return self._admin
+async def resolve_launcher(conn: Connection, text: str | None) -> tuple[Any, str]:
+    """The launcher (``--on`` ref, else this node's) and the address to open its streams
+    from."""
+    if text:
+        loc = Locator.parse(text, allowed=("ref",))
+        assert isinstance(loc, RefLocator)
+        cap = await conn.restore(loc.ref, schema.compute.ComputeLauncher)
+        return cap, conn.address_toward(loc.ref)
+    launcher = (await (await compute_admin(conn)).getLauncher()).launcher
+    return launcher, await conn.node_address()
 
-    async def restore(self, ref: SturdyRef, interface: Any) -> Any:
-        if self.pool is None:
-            self.pool = await self._stack.enter_async_context(NodePool())
-        return await self.pool.restore(ref, interface)
 
-    async def launcher(self, text: str | None) -> tuple[Any, str]:
-        """The launcher and the address to open its node's streams from."""
-        if text:
-            loc = Locator.parse(text, allowed=("ref",))
-            assert isinstance(loc, RefLocator)
-            cap = await self.restore(loc.ref, schema.compute.ComputeLauncher)
-            return cap, local_address_for(loc.ref.node)
-        admin = await self.admin()
-        compute = await get_service_admin(admin, "compute", schema.compute.ComputeServiceAdmin)
-        async with rpc_errors():
-            launcher = (await compute.getLauncher()).launcher
-            address = (await admin.getUnprivilegedNode().node.address()).address.ip
-        return launcher, address
+async def resolve_filesystem(conn: Connection, loc: Locator) -> Any:
+    if isinstance(loc, RefLocator):
+        return await conn.restore(loc.ref, schema.fs.Filesystem)
+    assert isinstance(loc, LocalPath)
+    fs_admin = await conn.service_admin("fs", schema.fs.FilesystemServiceAdmin)
+    # The admin's own directory: bind-mounted as it is (root in the container is
+    # root on it anyway), not squashed like an exported one.
+    root = fs_admin.rootNamespace().ns.filesystemPreservingOwners()
+    if not loc.parts:
+        return (await root).fs
+    return (await root.fs.getSubtree("/".join(loc.parts))).fs
 
-    async def filesystem(self, loc: Locator) -> Any:
-        if isinstance(loc, RefLocator):
-            return await self.restore(loc.ref, schema.fs.Filesystem)
-        assert isinstance(loc, LocalPath)
-        fs_admin = await get_service_admin(await self.admin(), "fs",
-                                           schema.fs.FilesystemServiceAdmin)
-        async with rpc_errors():
-            # The admin's own directory: bind-mounted as it is (root in the container is
-            # root on it anyway), not squashed like an exported one.
-            root = fs_admin.rootNamespace().ns.filesystemPreservingOwners()
-            if not loc.parts:
-                return (await root).fs
-            return (await root.fs.getSubtree("/".join(loc.parts))).fs
 
-    async def network(self, loc: Locator) -> Any:
-        if isinstance(loc, RefLocator):
-            return await self.restore(loc.ref, schema.network.L2Interface)
-        net_admin = await get_service_admin(await self.admin(), "net",
-                                            schema.network.NetworkServiceAdmin)
-        async with rpc_errors():
-            ns = net_admin.rootNamespace().ns
-            if isinstance(loc, NewLocal):
-                iface = (await ns.createInterface(loc.name)).iface
-            else:
-                iface = (await ns.getInterface(loc.name)).iface  # type: ignore[attr-defined]
-            return (await iface.l2Interface()).iface
+async def resolve_network(conn: Connection, loc: Locator) -> Any:
+    if isinstance(loc, RefLocator):
+        return await conn.restore(loc.ref, schema.network.L2Interface)
+    net_admin = await conn.service_admin("net", schema.network.NetworkServiceAdmin)
+    ns = net_admin.rootNamespace().ns
+    if isinstance(loc, NewLocal):
+        iface = (await ns.createInterface(loc.name)).iface
+    else:
+        iface = (await ns.getInterface(loc.name)).iface  # type: ignore[attr-defined]
+    return (await iface.l2Interface()).iface
 
 
 # ---------------------------------------------------------------- metac run
@@ -207,7 +194,7 @@ def _terminal_size() -> tuple[int, int]:
     return 0, 0
 
 
-async def _build_request(args: argparse.Namespace, resolver: Resolver, command: list[str],
+async def _build_request(args: argparse.Namespace, conn: Connection, command: list[str],
                          mounts: list[MountOption], networks: list[NetworkOption],
                          env: list[str]) -> tuple[Any, Any]:
     pd = schema.compute.ProcessDescription.new_message()
@@ -225,12 +212,13 @@ async def _build_request(args: argparse.Namespace, resolver: Resolver, command: 
     else:
         pd.init("files", 3)
     ed = schema.compute.ProcessEnvironmentDescription.new_message()
-    fs_caps = [await resolver.filesystem(m.source) for m in mounts]
+    fs_caps = [await resolve_filesystem(conn, m.source) for m in mounts]
     fss = ed.init("filesystems", len(mounts))
     for item, m, cap in zip(fss, mounts, fs_caps, strict=True):
         item.path = m.path
         item.fs = cap
-    net_caps = [await resolver.network(n.uri) if n.uri is not None else None for n in networks]
+    net_caps = [await resolve_network(conn, n.uri) if n.uri is not None else None
+                for n in networks]
     nets = ed.init("networks", len(networks))
     for item, n, cap in zip(nets, networks, net_caps, strict=True):
         item.name = n.name
@@ -248,16 +236,13 @@ async def _build_request(args: argparse.Namespace, resolver: Resolver, command: 
 
 async def run(args: argparse.Namespace) -> int:
     command, mounts, networks, env = _parse_run(args)
-    async with contextlib.AsyncExitStack() as stack:
-        resolver = Resolver(stack)
-        launcher, address = await resolver.launcher(args.on)
-        pd, ed = await _build_request(args, resolver, command, mounts, networks, env)
-        async with rpc_errors():
-            res = await launcher.launch(processDescription=pd, envDescription=ed)
+    async with connection() as conn:
+        launcher, address = await resolve_launcher(conn, args.on)
+        pd, ed = await _build_request(args, conn, command, mounts, networks, env)
+        res = await launcher.launch(processDescription=pd, envDescription=ed)
         environment, process = res.env, res.process
         if args.background:
-            async with rpc_errors():
-                ref = (await process.createSturdyRef(persistent=args.persistent)).id
+            ref = (await process.createSturdyRef(persistent=args.persistent)).id
             print(ref_from_struct(ref).format())
             return 0
         try:
@@ -352,10 +337,9 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
         return task
 
     try:
-        async with rpc_errors():
-            for i in range(1 if pty else 3):
-                stream = (await process.file(i)).stream
-                opened.append(await open_stream(stream, local_address=address))
+        for i in range(1 if pty else 3):
+            stream = (await process.file(i)).stream
+            opened.append(await open_stream(stream, local_address=address))
         socks = [o.sock.fileno() for o in opened]
         if pty:
             term.raw()
@@ -367,11 +351,9 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
             start(_one_way(term.own(0, write=False), socks[0], "stdin", _half_close(opened[0])))
             outputs = [start(_one_way(socks[i], term.own(i, write=True), f"fd {i}"))
                        for i in (1, 2)]
-        async with rpc_errors():
-            await process.wait()
+        await process.wait()
         await asyncio.wait(outputs, timeout=OUTPUT_GRACE)
-        async with rpc_errors():
-            return int((await process.returnCode()).code)
+        return int((await process.returnCode()).code)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -389,11 +371,6 @@ async def _forward_signal(process: Any, sig: int) -> None:
 
 
 # ---------------------------------------------------------------- ps, kill, export
-
-
-async def _compute_admin(stack: contextlib.AsyncExitStack) -> Any:
-    admin = await stack.enter_async_context(connect_admin())
-    return await get_service_admin(admin, "compute", schema.compute.ComputeServiceAdmin)
 
 
 def _ended_status(code: int) -> str:
@@ -417,10 +394,8 @@ def _row(p: Any) -> dict[str, Any]:
 
 
 async def list_processes(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        compute = await _compute_admin(stack)
-        async with rpc_errors():
-            procs = (await compute.listProcesses()).processes
+    async with connection() as conn:
+        procs = (await (await compute_admin(conn)).listProcesses()).processes
         rows = [_row(p) for p in procs if p.running or args.all]
     if args.json:
         as_json(rows)
@@ -430,11 +405,10 @@ async def list_processes(args: argparse.Namespace) -> int:
 
 
 async def remove_processes(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        compute = await _compute_admin(stack)
+    async with connection() as conn:
+        compute = await compute_admin(conn)
         for target in args.targets:
-            async with rpc_errors():
-                removed = (await compute.removeProcesses(target)).removed
+            removed = (await compute.removeProcesses(target)).removed
             for process_id in removed:
                 print(process_id)
     return 0
@@ -452,30 +426,26 @@ async def kill(args: argparse.Namespace) -> int:
         sig = signal_number(args.signal)
     except RunSpecError as exc:
         raise errors.InvalidArgument(str(exc)) from None
-    async with contextlib.AsyncExitStack() as stack:
-        resolver = Resolver(stack)
+    async with connection() as conn:
         listed: list[Any] | None = None
         for target in args.targets:
             if target.startswith("ref:"):
                 loc = Locator.parse(target, allowed=("ref",))
                 assert isinstance(loc, RefLocator)
-                process = await resolver.restore(loc.ref, schema.compute.Process)
+                process = await conn.restore(loc.ref, schema.compute.Process)
                 ended_code: int | None = None
                 try:
-                    async with rpc_errors():
+                    async with rpc_errors():  # caught here
                         ended_code = int((await process.returnCode()).code)
                 except errors.FailedPrecondition:
                     pass  # it still runs
                 if ended_code is not None:
                     raise errors.FailedPrecondition(
                         f"the process has already ended ({_ended_status(ended_code)})")
-                async with rpc_errors():
-                    await process.kill(int(sig))
+                await process.kill(int(sig))
                 continue
             if listed is None:
-                compute = await _compute_admin(stack)
-                async with rpc_errors():
-                    listed = list((await compute.listProcesses()).processes)
+                listed = list((await (await compute_admin(conn)).listProcesses()).processes)
             named = [p for p in listed if p.id == target or p.id.split(".")[0] == target]
             matches = [p for p in named if p.running]
             if not matches and named:
@@ -483,18 +453,15 @@ async def kill(args: argparse.Namespace) -> int:
             if not matches:
                 raise errors.NotFound(f"no process {target} on this node (`metac ps -a` "
                                       "lists them)")
-            async with rpc_errors():
-                for p in matches:
-                    await p.process.kill(int(sig))
+            for p in matches:
+                await p.process.kill(int(sig))
     return 0
 
 
 async def export(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        compute = await _compute_admin(stack)
-        async with rpc_errors():
-            launcher = (await compute.getLauncher()).launcher
-            ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
+    async with connection() as conn:
+        launcher = (await (await compute_admin(conn)).getLauncher()).launcher
+        ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
     print(ref_from_struct(ref).format())
     return 0
 

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from metac import errors
-from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
+from metac.api import open_stream, ref_from_struct, schema
+from metac.cli.connect import Connection, connection
 from metac.cli.output import (
     as_json,
     local_path,
@@ -31,7 +32,6 @@ from metac.cli.output import (
     waiting,
 )
 from metac.codec.locators import LocalPath, Locator, RefLocator
-from metac.core.streams import local_address_for, open_stream
 
 KINDS = ("local", "ref")
 PROGRESS_MIN = 16 << 20
@@ -157,81 +157,51 @@ def _register_block(sub: Any) -> None:
 # --- resolving resources ------------------------------------------------------------------
 
 
-class Resources:
-    """Turns FS/FILE/BLOCK text into capabilities; owns the connections it opens."""
+async def fs_admin(conn: Connection) -> Any:
+    return await conn.service_admin("fs", schema.fs.FilesystemServiceAdmin)
 
-    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
-        self._stack = stack
-        self._pool: NodePool | None = None
-        self._admin: Any = None
-        self._fs_admin: Any = None
 
-    async def admin(self) -> Any:
-        if self._admin is None:
-            self._admin = await self._stack.enter_async_context(connect_admin())
-        return self._admin
+async def resolve(conn: Connection, text: str, interface: Any, *, follow: bool = True,
+                  preserve_owners: bool = False) -> tuple[Any, str]:
+    """(capability, our address toward its node) for FS/FILE/BLOCK ``text``.
 
-    async def fs_admin(self) -> Any:
-        if self._fs_admin is None:
-            self._fs_admin = await service_admin(await self.admin(), "fs",
-                                                 schema.fs.FilesystemServiceAdmin)
-        return self._fs_admin
-
-    async def pool(self) -> NodePool:
-        if self._pool is None:
-            self._pool = await self._stack.enter_async_context(NodePool())
-        return self._pool
-
-    async def node_address(self) -> str:
-        async with rpc_errors():
-            addr = (await (await self.admin()).getUnprivilegedNode().node.address()).address
-        return addr.ip
-
-    async def resolve(self, text: str, interface: Any, *, follow: bool = True,
-                      preserve_owners: bool = False) -> tuple[Any, str]:
-        """(capability, our address toward its node) for ``text``.
-
-        ``follow=False`` refuses a ``local:`` path whose last component is a symlink;
-        ``preserve_owners`` takes it from the root that serves as root (see
-        ``FilesystemNamespace.filesystemPreservingOwners``)."""
-        loc = Locator.parse(text, allowed=KINDS)
-        if isinstance(loc, RefLocator):
-            if preserve_owners:
-                raise errors.InvalidArgument("--preserve-owners needs a local:/PATH (a ref "
-                                             "keeps the owners rule it was exported with)")
-            cap = await (await self.pool()).restore(loc.ref, interface)
-            return cap, local_address_for(loc.ref.node)
-        assert isinstance(loc, LocalPath)
-        if not follow and os.path.islink(loc.path):
-            raise errors.InvalidArgument(f"{loc.path} is a symlink; use --follow")
-        real = LocalPath(os.path.realpath(loc.path))
-        ns = (await self.fs_admin()).rootNamespace().ns
-        root = (ns.filesystemPreservingOwners() if preserve_owners else ns.filesystem()).fs
-        rel = "/".join(real.parts)
-        async with rpc_errors():
-            if interface is schema.fs.Filesystem:
-                cap = root.getSubtree(rel).fs if rel else root
-                await cap.info()
-            else:
-                if not rel:
-                    raise errors.InvalidArgument("/ is not a file")
-                cap = root.getFile(rel).file
-                if interface is schema.fs.BlockDevice:
-                    cap = cap.openAsBlock().device
-                await cap.info()
-        return cap, await self.node_address()
+    ``follow=False`` refuses a ``local:`` path whose last component is a symlink;
+    ``preserve_owners`` takes it from the root that serves as root (see
+    ``FilesystemNamespace.filesystemPreservingOwners``)."""
+    loc = Locator.parse(text, allowed=KINDS)
+    if isinstance(loc, RefLocator):
+        if preserve_owners:
+            raise errors.InvalidArgument("--preserve-owners needs a local:/PATH (a ref "
+                                         "keeps the owners rule it was exported with)")
+        return await conn.restore(loc.ref, interface), conn.address_toward(loc.ref)
+    assert isinstance(loc, LocalPath)
+    if not follow and os.path.islink(loc.path):
+        raise errors.InvalidArgument(f"{loc.path} is a symlink; use --follow")
+    real = LocalPath(os.path.realpath(loc.path))
+    ns = (await fs_admin(conn)).rootNamespace().ns
+    root = (ns.filesystemPreservingOwners() if preserve_owners else ns.filesystem()).fs
+    rel = "/".join(real.parts)
+    if interface is schema.fs.Filesystem:
+        cap = root.getSubtree(rel).fs if rel else root
+        await cap.info()
+    else:
+        if not rel:
+            raise errors.InvalidArgument("/ is not a file")
+        cap = root.getFile(rel).file
+        if interface is schema.fs.BlockDevice:
+            cap = cap.openAsBlock().device
+        await cap.info()
+    return cap, await conn.node_address()
 
 
 async def _print_ref(args: argparse.Namespace, interface: Any,
                      derive: Callable[[Any], Any] = lambda cap: cap) -> int:
     """Print a sturdy ref to ``derive(capability of args.resource)``."""
-    async with contextlib.AsyncExitStack() as stack:
-        cap, _ = await Resources(stack).resolve(
-            args.resource, interface, follow=args.follow,
-            preserve_owners=getattr(args, "preserve_owners", False))
-        async with rpc_errors():
-            res = await derive(cap).cast_as(schema.core.Persistable).createSturdyRef(
-                persistent=args.persistent)
+    async with connection() as conn:
+        cap, _ = await resolve(conn, args.resource, interface, follow=args.follow,
+                               preserve_owners=getattr(args, "preserve_owners", False))
+        res = await derive(cap).cast_as(schema.core.Persistable).createSturdyRef(
+            persistent=args.persistent)
     print(ref_from_struct(res.id).format())
     return 0
 
@@ -246,22 +216,20 @@ def _exporter(interface: Any, field: str) -> Callable[[argparse.Namespace], Awai
     return export
 
 
-async def _list(res: Resources, what: str) -> Any:
+async def _list(conn: Connection, what: str) -> Any:
     """The mounts or the block attachments of this node's fs service."""
-    fs_admin = await res.fs_admin()
-    async with rpc_errors():
-        if what == "mounts":
-            return (await fs_admin.rootNamespace().ns.listMounts()).mounts
-        return (await fs_admin.listBlockAttachments()).attachments
+    admin = await fs_admin(conn)
+    if what == "mounts":
+        return (await admin.rootNamespace().ns.listMounts()).mounts
+    return (await admin.listBlockAttachments()).attachments
 
 
 async def _release(what: str, match: Callable[[Any], bool], done: Callable[[Any], str]) -> bool:
     """Release the holder of the first of ``what`` that matches; False if none does."""
-    async with contextlib.AsyncExitStack() as stack:
-        for item in await _list(Resources(stack), what):
+    async with connection() as conn:
+        for item in await _list(conn, what):
             if match(item):
-                async with rpc_errors():
-                    await item.holder.release()
+                await item.holder.release()
                 print(done(item))
                 return True
     return False
@@ -269,8 +237,8 @@ async def _release(what: str, match: Callable[[Any], bool], done: Callable[[Any]
 
 async def _show(args: argparse.Namespace, what: str, row: Callable[[Any], dict[str, Any]],
                 columns: list[str]) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        rows = [row(item) for item in await _list(Resources(stack), what)]
+    async with connection() as conn:
+        rows = [row(item) for item in await _list(conn, what)]
     if args.json:
         as_json(rows)
     else:
@@ -286,17 +254,16 @@ fs_export = _exporter(schema.fs.Filesystem, "fs")
 
 async def fs_mount(args: argparse.Namespace) -> int:
     path = checked_mount_point(args.path)
-    async with contextlib.AsyncExitStack() as stack:
-        res = Resources(stack)
+    async with connection() as conn:
         # A local: directory is the admin's own: bind-mounted as root, as `mount --bind`.
-        fs, _ = await res.resolve(args.resource, schema.fs.Filesystem,
-                                  preserve_owners=args.resource.startswith("local:"))
-        ns = (await res.fs_admin()).rootNamespace().ns
+        fs, _ = await resolve(conn, args.resource, schema.fs.Filesystem,
+                              preserve_owners=args.resource.startswith("local:"))
+        ns = (await fs_admin(conn)).rootNamespace().ns
         options = schema.fs.MountOptions.new_message()
         options.method = "" if args.method == "auto" else args.method
         options.readOnly = args.read_only
         options.keep = True  # the mount outlives this command
-        async with waiting(f"mounting {redact(args.resource)} at {path}"), rpc_errors():
+        async with waiting(f"mounting {redact(args.resource)} at {path}"):
             holder = (await ns.mountWith(path, fs, options)).holder
             if args.persistent:
                 await holder.createSturdyRef(persistent=True)
@@ -387,12 +354,11 @@ class Progress:
 async def file_cat(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
-        f, local = await Resources(stack).resolve(args.resource, schema.fs.File)
-        async with rpc_errors():
-            info = (await f.info()).info
-            if not info.exists:
-                raise errors.NotFound("no such file")
-            stream = (await f.openAsStream()).stream
+        f, local = await resolve(Connection(stack), args.resource, schema.fs.File)
+        info = (await f.info()).info
+        if not info.exists:
+            raise errors.NotFound("no such file")
+        stream = (await f.openAsStream()).stream
         opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
         progress = Progress(info.size)
         buf = bytearray(CHUNK)
@@ -411,9 +377,8 @@ async def file_cat(args: argparse.Namespace) -> int:
 async def file_put(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
-        f, local = await Resources(stack).resolve(args.resource, schema.fs.File)
-        async with rpc_errors():
-            stream = (await f.openForWrite(args.append)).stream
+        f, local = await resolve(Connection(stack), args.resource, schema.fs.File)
+        stream = (await f.openForWrite(args.append)).stream
         opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
         sock = opened.sock
         stdin = sys.stdin.buffer.fileno()
@@ -449,16 +414,15 @@ async def block_stream(args: argparse.Namespace) -> int:
 
 async def block_attach(args: argparse.Namespace) -> int:
     mount_path = checked_mount_point(args.mount) if args.mount else ""
-    async with contextlib.AsyncExitStack() as stack:
-        res = Resources(stack)
-        dev, _ = await res.resolve(args.resource, schema.fs.BlockDevice)
+    async with connection() as conn:
+        dev, _ = await resolve(conn, args.resource, schema.fs.BlockDevice)
         options = schema.fs.AttachOptions.new_message()
         options.readOnly = args.read_only
         options.mountPath = mount_path
         options.keep = True  # the attachment outlives this command
-        fs_admin = await res.fs_admin()
-        async with waiting(f"attaching {redact(args.resource)}"), rpc_errors():
-            out = await fs_admin.attachBlock(dev, options)
+        admin = await fs_admin(conn)
+        async with waiting(f"attaching {redact(args.resource)}"):
+            out = await admin.attachBlock(dev, options)
             if args.persistent:
                 await out.holder.createSturdyRef(persistent=True)
     print(out.path)

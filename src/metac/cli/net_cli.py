@@ -20,15 +20,8 @@ import sys
 from typing import Any
 
 from metac import errors
-from metac.api import (
-    NodePool,
-    SturdyRef,
-    connect_admin,
-    ref_from_struct,
-    rpc_errors,
-    schema,
-    service_admin,
-)
+from metac.api import SturdyRef, ref_from_struct, rpc_errors, schema
+from metac.cli.connect import Connection, connection
 from metac.cli.output import as_json, table
 from metac.codec.locators import LocalDevice, Locator, NewLocal, RefLocator
 
@@ -63,8 +56,8 @@ def register(sub: Any) -> None:
     ub.set_defaults(func=unbind)
 
 
-async def _net_admin(admin: Any) -> Any:
-    return await service_admin(admin, "net", schema.network.NetworkServiceAdmin)
+async def _net_admin(conn: Connection) -> Any:
+    return await conn.service_admin("net", schema.network.NetworkServiceAdmin)
 
 
 def _parse(text: str) -> Locator:
@@ -75,22 +68,23 @@ def _shown(loc: Locator) -> str:
     return loc.ref.redacted() if isinstance(loc, RefLocator) else loc.format()
 
 
-async def _open(loc: Locator, net_admin: Any, pool: NodePool) -> tuple[Any, Any]:
+async def _open(conn: Connection, loc: Locator) -> tuple[Any, Any]:
     """(L2Interface capability, KernelInterface if we created it here)."""
+    if isinstance(loc, RefLocator):
+        return await conn.restore(loc.ref, schema.network.L2Interface), None
+    net_admin = await _net_admin(conn)
     if isinstance(loc, LocalDevice):
         iface = net_admin.rootNamespace().ns.getInterface(loc.name).iface
         await iface.getName()  # fail now (NotFound) rather than inside bindTo
         return iface.cast_as(schema.network.L2Interface), None
-    if isinstance(loc, NewLocal):
-        iface = (await net_admin.rootNamespace().ns.createInterface(loc.name)).iface
-        return iface.cast_as(schema.network.L2Interface), iface
-    assert isinstance(loc, RefLocator)
-    return await pool.restore(loc.ref, schema.network.L2Interface), None
+    assert isinstance(loc, NewLocal)
+    iface = (await net_admin.rootNamespace().ns.createInterface(loc.name)).iface
+    return iface.cast_as(schema.network.L2Interface), iface
 
 
 async def list_net(args: argparse.Namespace) -> int:
-    async with connect_admin() as admin:
-        net = await _net_admin(admin)
+    async with connection() as conn:
+        net = await _net_admin(conn)
         ifaces = (await net.rootNamespace().ns.listInterfaces()).interfaces
         names = [r.name for r in await asyncio.gather(*(i.getName() for i in ifaces))]
         binds = (await net.listBinds()).binds
@@ -111,22 +105,17 @@ async def list_net(args: argparse.Namespace) -> int:
 
 async def export(args: argparse.Namespace) -> int:
     loc = _parse(args.uri)
-    async with NodePool() as pool:
+    async with connection() as conn:
         if isinstance(loc, RefLocator):
-            obj = await pool.restore(loc.ref)
+            obj = await conn.restore(loc.ref, None)
         else:
-            async with connect_admin() as admin:
-                net = await _net_admin(admin)
-                ns = net.rootNamespace().ns
-                if isinstance(loc, NewLocal):
-                    kiface = (await ns.createInterface(loc.name)).iface
-                else:
-                    assert isinstance(loc, LocalDevice)
-                    kiface = ns.getInterface(loc.name).iface
-                obj = (await kiface.l2Interface()).iface
-                ref = (await obj.createSturdyRef(persistent=args.persistent)).id
-                print(_format_ref(ref))
-                return 0
+            ns = (await _net_admin(conn)).rootNamespace().ns
+            if isinstance(loc, NewLocal):
+                kiface = (await ns.createInterface(loc.name)).iface
+            else:
+                assert isinstance(loc, LocalDevice)
+                kiface = ns.getInterface(loc.name).iface
+            obj = (await kiface.l2Interface()).iface
         ref = (await obj.createSturdyRef(persistent=args.persistent)).id
     print(_format_ref(ref))
     return 0
@@ -143,14 +132,9 @@ async def bind(args: argparse.Namespace) -> int:
     # The local device (if any) is `this`: its node orchestrates and keeps the bind.
     if isinstance(first, RefLocator) and not isinstance(second, RefLocator):
         first, second = second, first
-    needs_admin = not (isinstance(first, RefLocator) and isinstance(second, RefLocator))
-    async with NodePool() as pool, contextlib.AsyncExitStack() as stack:
-        net = None
-        if needs_admin:
-            admin = await stack.enter_async_context(connect_admin())
-            net = await _net_admin(admin)
-        this, created_this = await _open(first, net, pool)
-        other, created_other = await _open(second, net, pool)
+    async with connection() as conn:
+        this, created_this = await _open(conn, first)
+        other, created_other = await _open(conn, second)
         created = [c for c in (created_this, created_other) if c is not None]
         try:
             holder = (await this.bindTo(other)).holder
@@ -192,8 +176,7 @@ async def _hold(holder: Any) -> int:
         waiter.cancel()
         with contextlib.suppress(BaseException):
             await waiter
-        async with rpc_errors():
-            await holder.release()
+        await holder.release()
         print("unbound", flush=True)
         return 0
     await waiter  # raises if the bind's service went away
@@ -204,7 +187,7 @@ async def _hold(holder: Any) -> int:
 
 async def _wait_holder(holder: Any) -> None:
     try:
-        async with rpc_errors():
+        async with rpc_errors():  # Unsupported is caught here
             await holder.cast_as(schema.network.WaitableHolder).wait()
     except errors.Unsupported:
         await asyncio.Event().wait()  # cannot watch it: only a signal ends the command
@@ -214,9 +197,8 @@ async def unbind(args: argparse.Namespace) -> int:
     target = args.target
     if target.startswith("ref:"):
         return await _unbind_ref(SturdyRef.parse(target))
-    async with connect_admin() as admin:
-        net = await _net_admin(admin)
-        binds = (await net.listBinds()).binds
+    async with connection() as conn:
+        binds = (await (await _net_admin(conn)).listBinds()).binds
         chosen = [b for i, b in enumerate(binds)
                   if target in (str(i + 1), b.device, b.ifname)]
         if not chosen:
@@ -229,8 +211,8 @@ async def unbind(args: argparse.Namespace) -> int:
 
 
 async def _unbind_ref(ref: SturdyRef) -> int:
-    async with NodePool() as pool:
-        holder = await pool.restore(ref, schema.core.Holder)
+    async with connection() as conn:
+        holder = await conn.restore(ref, schema.core.Holder)
         await holder.release()  # the bind's service also revokes its refs
     print("released the bind and revoked its refs")
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 from metac import errors
 from metac.api import connect_admin
 from metac.cli.output import as_json, local_path, table
+from metac.codec.refs import DEFAULT_PORT, node_port, show_endpoint
 
 
 def register(sub: Any) -> None:
@@ -34,7 +35,8 @@ def register(sub: Any) -> None:
                         "an IPv4 default route; without a default route the first "
                         "non-loopback address; else ::1 with a warning, as no other machine "
                         "could reach the node)")
-    r.add_argument("--port", type=int, default=901, help="TCP port for Node (default 901)")
+    r.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"TCP port for Node (default {DEFAULT_PORT})")
     r.add_argument("--state-dir", default=None, type=local_path, help="database and logs (default /var/lib/metac)")
     r.add_argument("--runtime-dir", dest="node_runtime_dir", default=None, type=local_path,
                    help="admin socket and mounts (default /run/metac)")
@@ -195,12 +197,11 @@ async def status(args: argparse.Namespace) -> int:
         services = (await admin.listServices()).services
         rows = [{"name": s.name, "state": s.state, "pid": s.pid, "restarts": s.restarts}
                 for s in services]
-    port = addr.port or 901
+    port = node_port(addr.port)
     if args.json:
         as_json({"address": addr.ip, "port": port, "services": rows})
         return 0
-    shown = f"[{addr.ip}]:{port}" if ":" in addr.ip else f"{addr.ip}:{port}"
-    print(f"node {shown}")
+    print(f"node {show_endpoint(addr.ip, port)}")
     table(rows, ["name", "state", "pid", "restarts"])
     return 0
 

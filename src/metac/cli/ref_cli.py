@@ -8,8 +8,9 @@ import re
 from typing import Any
 
 from metac import errors
-from metac.api import NodePool, SturdyRef, connect_admin, rpc_errors, schema, service_admin
+from metac.api import NodePool, SturdyRef, connect_admin, schema, service_admin
 from metac.cli.output import as_json, table
+from metac.codec.refs import node_port
 
 SHORT_ID = re.compile(r"^[0-9a-fA-F]{6,64}$")
 
@@ -105,7 +106,7 @@ async def _local_address() -> tuple[str, int | None] | None:
 
 async def show_ref(args: argparse.Namespace) -> int:
     ref = SturdyRef.parse(args.ref)
-    out: dict[str, Any] = {"ref": ref.redacted(), "node": ref.node, "port": ref.port or 901,
+    out: dict[str, Any] = {"ref": ref.redacted(), "node": ref.node, "port": node_port(ref.port),
                            "service": ref.service}
     async with NodePool() as pool:
         await pool.restore(ref)
@@ -136,8 +137,7 @@ async def remove_ref(args: argparse.Namespace) -> int:
         secret, short = ref.secret_bytes, ""
     async with connect_admin() as admin:
         padmin = await _persistence(admin)
-        async with rpc_errors():
-            info = (await padmin.deleteRef(secret, short)).info
+        info = (await padmin.deleteRef(secret, short)).info
     print(f"revoked {info.shortId} ({info.service}/{info.category})")
     return 0
 

@@ -13,11 +13,11 @@ import socket
 from typing import Any
 
 from metac import errors
-from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
+from metac.api import Endpoint, open_stream, pipe_endpoints, ref_from_struct, rpc_errors, schema
+from metac.cli.connect import Connection, connection
 from metac.cli.output import error
 from metac.codec.locators import Locator, RefLocator, TcpEndpoint
-from metac.core.pump import Endpoint, pipe_endpoints
-from metac.core.streams import local_address_for, open_stream
+from metac.codec.refs import show_endpoint
 
 STREAM_KINDS = ("ref", "tcp", "unix")
 
@@ -50,60 +50,40 @@ def register(sub: Any) -> None:
     bd.set_defaults(func=bind)
 
 
-class StreamResolver:
-    """Turns STREAM text into a Stream capability, and the address to open it from."""
+async def resolve(conn: Connection, text: str) -> tuple[Any, str]:
+    """STREAM text as a Stream capability, and the address to open it from."""
+    loc = Locator.parse(text, allowed=STREAM_KINDS)
+    if isinstance(loc, RefLocator):
+        return await conn.restore(loc.ref, schema.stream.Stream), conn.address_toward(loc.ref)
+    stream_admin = await conn.service_admin("stream", schema.stream.StreamServiceAdmin)
+    async with rpc_errors():  # `forward` catches a failure of a second resolve
+        if isinstance(loc, TcpEndpoint):
+            cap = (await stream_admin.tcpEndpoint(loc.host, loc.port)).stream
+        else:
+            cap = (await stream_admin.unixEndpoint(loc.path)).stream  # type: ignore[attr-defined]
+    return cap, await conn.node_address()
 
-    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
-        self._stack = stack
-        self._pool: NodePool | None = None
-        self._admin: Any = None
 
-    async def _stream_admin(self) -> Any:
-        if self._admin is None:
-            admin = await self._stack.enter_async_context(connect_admin())
-            self._admin = (admin, await service_admin(admin, "stream",
-                                                      schema.stream.StreamServiceAdmin))
-        return self._admin
-
-    async def resolve(self, text: str) -> tuple[Any, str]:
-        loc = Locator.parse(text, allowed=STREAM_KINDS)
-        if isinstance(loc, RefLocator):
-            if self._pool is None:
-                self._pool = await self._stack.enter_async_context(NodePool())
-            cap = await self._pool.restore(loc.ref, schema.stream.Stream)
-            return cap, local_address_for(loc.ref.node)
-        admin, stream_admin = await self._stream_admin()
-        async with rpc_errors():
-            if isinstance(loc, TcpEndpoint):
-                cap = (await stream_admin.tcpEndpoint(loc.host, loc.port)).stream
-            else:
-                cap = (await stream_admin.unixEndpoint(loc.path)).stream  # type: ignore[attr-defined]
-            address = (await admin.getUnprivilegedNode().node.address()).address.ip
-        return cap, address
-
-    def forget(self, text: str) -> None:
-        """A ref's node connection broke: reconnect on the next resolve."""
-        loc = Locator.parse(text, allowed=STREAM_KINDS)
-        if isinstance(loc, RefLocator) and self._pool is not None:
-            self._pool.forget(loc.ref.node, loc.ref.port)
+def forget(conn: Connection, text: str) -> None:
+    """A ref's node connection broke: reconnect on the next resolve."""
+    loc = Locator.parse(text, allowed=STREAM_KINDS)
+    if isinstance(loc, RefLocator):
+        conn.forget(loc.ref)
 
 
 async def export(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        cap, _ = await StreamResolver(stack).resolve(args.resource)
-        async with rpc_errors():
-            ref = (await cap.createSturdyRef(persistent=args.persistent)).id
+    async with connection() as conn:
+        cap, _ = await resolve(conn, args.resource)
+        ref = (await cap.createSturdyRef(persistent=args.persistent)).id
         print(ref_from_struct(ref).format())
     return 0
 
 
 async def cat_stream(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        cap, address = await StreamResolver(stack).resolve(args.stream)
-        opened = await open_stream(cap, local_address=address)
-        stack.push_async_callback(opened.aclose)
-        pump = await pipe_endpoints(Endpoint.of_stdio(), opened.endpoint(),
-                                    "cat")
+    async with connection() as conn:
+        cap, address = await resolve(conn, args.stream)
+        async with await open_stream(cap, local_address=address) as opened:
+            pump = await pipe_endpoints(Endpoint.of_stdio(), opened.endpoint(), "cat")
     if pump.error is not None and not isinstance(pump.error, BrokenPipeError):
         raise errors.Unavailable(f"stream broken: {pump.error}")
     return 0
@@ -130,8 +110,8 @@ async def forward(args: argparse.Namespace) -> int:
     host, port = _listen_address(args.listen)
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
-        resolver = StreamResolver(stack)
-        cap, address = await resolver.resolve(args.stream)
+        conn = Connection(stack)
+        cap, address = await resolve(conn, args.stream)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             server = socket.create_server((host, port), family=family, backlog=128)
@@ -141,19 +121,18 @@ async def forward(args: argparse.Namespace) -> int:
         stack.callback(server.close)
         server.setblocking(False)
         bound = server.getsockname()
-        shown = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
-        print(f"forwarding {shown}; Ctrl-C to stop", flush=True)
+        print(f"forwarding {show_endpoint(bound[0], bound[1])}; Ctrl-C to stop", flush=True)
         state = {"cap": cap}
         revoked = asyncio.Event()
 
-        async def one(conn: socket.socket, peer: Any) -> None:
-            client = Endpoint.of_socket(conn, "client")
+        async def one(sock: socket.socket, peer: Any) -> None:
+            client = Endpoint.of_socket(sock, "client")
             try:
                 try:
                     opened = await open_stream(state["cap"], local_address=address)
                 except errors.Unavailable:
-                    resolver.forget(args.stream)  # the node may have restarted: once more
-                    state["cap"], _ = await resolver.resolve(args.stream)
+                    forget(conn, args.stream)  # the node may have restarted: once more
+                    state["cap"], _ = await resolve(conn, args.stream)
                     opened = await open_stream(state["cap"], local_address=address)
             except errors.MetacError as exc:
                 client.close()
@@ -175,8 +154,8 @@ async def forward(args: argparse.Namespace) -> int:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(stop_when_revoked(), name="stop when revoked")
                     while True:
-                        conn, peer = await loop.sock_accept(server)
-                        tg.create_task(one(conn, peer), name=f"forward {peer[0]}:{peer[1]}")
+                        sock, peer = await loop.sock_accept(server)
+                        tg.create_task(one(sock, peer), name=f"forward {peer[0]}:{peer[1]}")
         except BaseExceptionGroup as group:
             if group.subgroup(_Revoked) is None:
                 raise
@@ -186,12 +165,10 @@ async def forward(args: argparse.Namespace) -> int:
 
 
 async def bind(args: argparse.Namespace) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        resolver = StreamResolver(stack)
-        first, _ = await resolver.resolve(args.first)
-        second, _ = await resolver.resolve(args.second)
-        async with rpc_errors():
-            holder = (await first.bindTo(second)).holder
-            ref = (await holder.createSturdyRef(persistent=args.persistent)).id
+    async with connection() as conn:
+        first, _ = await resolve(conn, args.first)
+        second, _ = await resolve(conn, args.second)
+        holder = (await first.bindTo(second)).holder
+        ref = (await holder.createSturdyRef(persistent=args.persistent)).id
         print(ref_from_struct(ref).format())
     return 0

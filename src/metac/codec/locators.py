@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import ClassVar, Self, cast
 
 from metac.codec.paths import PathError, split_relative
-from metac.codec.refs import RefError, SturdyRef
+from metac.codec.refs import RefError, SturdyRef, show_endpoint
 
 MAX_IFNAME_CHARS = 15
 MAX_UNIX_PATH_BYTES = 107
@@ -231,8 +231,7 @@ class TcpEndpoint(Locator):
         return cls(host, int(port_text))
 
     def format(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp:{host}:{self.port}"
+        return f"tcp:{show_endpoint(self.host, self.port)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,28 @@ from dataclasses import dataclass
 from typing import Self
 
 DEFAULT_PORT = 901
+
+
+def show_endpoint(host: str, port: int | None = None) -> str:
+    """``host:port`` as people and URLs write it: an IPv6 address in brackets; without a
+    port, the host alone (bracketed too)."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
+def node_port(port: int | None) -> int:
+    """A node's RPC port: 0 and None (how refs and NodeAddress say "default") are 901."""
+    return port or DEFAULT_PORT
+
+
+def wire_port(port: int | None) -> int:
+    """A node's port as NodeAddress carries it: 0 for the default port."""
+    return 0 if node_port(port) == DEFAULT_PORT else int(port or 0)
+
+
+def ref_port(port: int | None) -> int | None:
+    """A node's port as a sturdy ref carries it: None for the default port."""
+    return None if node_port(port) == DEFAULT_PORT else port
 MAX_REF_LENGTH = 1024
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 96
@@ -192,8 +214,7 @@ class SturdyRef:
         return f"<SturdyRef {self.redacted()}>"
 
     def _authority(self) -> str:
-        host = f"[{self.node}]" if ":" in self.node else self.node
-        return host if self.port is None else f"{host}:{self.port}"
+        return show_endpoint(self.node, self.port)
 
 
 def _bad_char_message(char: str, offset: int) -> str:

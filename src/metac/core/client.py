@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from metac import errors
-from metac.codec.refs import DEFAULT_PORT, SturdyRef
+from metac.codec.refs import DEFAULT_PORT, SturdyRef, node_port, show_endpoint
 from metac.core.rpc import Connection, connect_tcp, rpc_errors
 from metac.schema.load import core
 
@@ -85,8 +85,8 @@ class NodePool:
 
     async def restore(self, ref: SturdyRef, interface: Any = None) -> Any:
         """Restore ``ref`` from its node; the capability, cast to ``interface``."""
-        port = ref.port or DEFAULT_PORT
-        shown = f"[{ref.node}]:{port}" if ":" in ref.node else f"{ref.node}:{port}"
+        port = node_port(ref.port)
+        shown = show_endpoint(ref.node, port)
         try:
             with telling_if_slow(f"connecting to node {shown} …"):
                 node = await self.node(ref.node, ref.port)

@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass
 
 from metac import errors
+from metac.codec.refs import DEFAULT_PORT
 
 DEFAULT_RUNTIME_DIR = "/run/metac"
 DEFAULT_STATE_DIR = "/var/lib/metac"
@@ -55,7 +56,7 @@ class ServiceEnv:
             runtime_dir=runtime_dir(),
             state_dir=state_dir(),
             node_address=env.get("METAC_NODE_ADDRESS", "::1"),
-            node_port=int(env.get("METAC_NODE_PORT", "901")),
+            node_port=int(env.get("METAC_NODE_PORT", str(DEFAULT_PORT))),
             node_instance=env.get("METAC_NODE_INSTANCE", ""),
         )
 

@@ -37,7 +37,7 @@ import capnp
 
 from metac import errors
 from metac.codec.capnp_frames import FrameError, FrameScanner, aliases
-from metac.codec.refs import redact_secrets
+from metac.codec.refs import redact_secrets, show_endpoint
 from metac.core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -620,7 +620,7 @@ async def serve_tcp(host: str, port: int, factory: BootstrapFactory,
         sock.close()
         raise
     sock.setblocking(False)
-    shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    shown = show_endpoint(host, port)
 
     def serve(conn_sock: socket.socket, addr: Any) -> Coroutine[Any, Any, None] | None:
         peer = Peer("tcp", address=addr[0], port=addr[1])
@@ -691,7 +691,7 @@ async def connect_tcp(host: str, port: int, *, timeout: float = 10.0) -> AsyncIt
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    shown = show_endpoint(host, port)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from metac import errors
-from metac.codec.refs import DEFAULT_PORT, SturdyRef
+from metac.codec.refs import SturdyRef, wire_port
 from metac.core.client import NodePool
 from metac.core.membrane import Membranes
 from metac.core.paths import ServiceEnv, admin_socket
@@ -83,7 +83,7 @@ class ServiceContext:
     def node_address(self) -> Any:
         addr = core.NodeAddress.new_message()
         addr.ip = self.env.node_address
-        addr.port = self.env.node_port if self.env.node_port != DEFAULT_PORT else 0
+        addr.port = wire_port(self.env.node_port)
         return addr
 
     async def forget(self, runtime_id: str) -> int:

@@ -12,6 +12,7 @@ import os
 import socket
 
 from metac import errors
+from metac.codec.refs import show_endpoint
 from metac.core.pump import Endpoint
 
 CONNECT_TIMEOUT = 10.0
@@ -42,7 +43,7 @@ class TcpSource(Source):
 
     async def open(self) -> Endpoint:
         loop = asyncio.get_running_loop()
-        shown = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        shown = show_endpoint(self.host, self.port)
         try:
             infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except OSError as exc:

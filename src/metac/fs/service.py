@@ -27,7 +27,7 @@ import weakref
 from typing import Any
 
 from metac import errors
-from metac.codec.refs import SturdyRef
+from metac.codec.refs import SturdyRef, show_endpoint
 from metac.core.client import ref_from_struct
 from metac.core.holder import HolderServer
 from metac.core.rpc import Servant
@@ -43,8 +43,7 @@ log = logging.getLogger("metac.fs")
 
 
 def shown_node(ref: SturdyRef) -> str:
-    host = f"[{ref.node}]" if ":" in ref.node else ref.node
-    return f"{host}:{ref.port}" if ref.port else host
+    return show_endpoint(ref.node, ref.port)
 
 
 def check_mount_point(path: str) -> str:

@@ -36,7 +36,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from metac import errors
-from metac.codec.refs import SturdyRef
+from metac.codec.refs import SturdyRef, show_endpoint
 from metac.core.client import ref_from_struct
 from metac.core.holder import Revert
 from metac.core.untrusted import (
@@ -57,7 +57,6 @@ from metac.net.tunnels import (
     join_bridge,
     open_vxlan_end,
     plan_mtu,
-    show_endpoint,
 )
 from metac.schema.load import core, network
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from metac import errors
+from metac.codec.refs import show_endpoint
 from metac.core.holder import Revert
 from metac.net import links
 from metac.net.devices import Device, new_id
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PORT_ATTEMPTS = 8
-
-
-def show_endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metac import errors
+from metac.codec.refs import show_endpoint
 from metac.core.paths import ServiceEnv, admin_socket, lock_node_dirs, secure_private_dir
 from metac.core.process import EXIT_FATAL, FATAL_FILE_ENV, FatalError, read_fatal, sd_notify
 from metac.core.rpc import ConnectionLimits, serve_tcp, serve_unix
@@ -235,8 +236,7 @@ async def run_node(config: NodeConfig) -> int:
         unix_server.close()
         raise errors.FailedPrecondition(
             f"cannot listen on {config.address} port {config.port}: {exc.strerror}") from None
-    shown = f"[{config.address}]:{config.port}" if ":" in config.address else \
-        f"{config.address}:{config.port}"
+    shown = show_endpoint(config.address, config.port)
     try:
         async with asyncio.TaskGroup() as tg:
             for runner in runners:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metac import errors
+from metac.codec.refs import wire_port
 from metac.core.holder import HolderServer
 from metac.core.rpc import Peer, Servant
 from metac.node.registry import Registration, Registry
@@ -41,7 +42,7 @@ class NodeServer(Servant, core.Node.Server):
     async def address(self, _context: Any, **kwargs: Any) -> None:
         addr = _context.results.init("address")
         addr.ip = self._address[0]
-        addr.port = 0 if self._address[1] == 901 else self._address[1]
+        addr.port = wire_port(self._address[1])
 
     async def getService(self, name: str, _context: Any, **kwargs: Any) -> None:
         self._handed_out = True

@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 from metac import errors
-from metac.codec.refs import SturdyRef
+from metac.codec.refs import SturdyRef, ref_port
 from metac.core.client import NodePool, ref_from_struct, ref_to_struct
 from metac.core.holder import HolderServer
 from metac.core.paths import ServiceEnv, admin_socket
@@ -93,12 +93,12 @@ class Persistence:
 
     def make_ref_struct(self, service: str, secret: bytes) -> Any:
         ref = SturdyRef.from_parts(self.env.node_address,
-                                   self.env.node_port if self.env.node_port != 901 else None,
+                                   ref_port(self.env.node_port),
                                    service, secret)
         return ref_to_struct(ref)
 
     def is_local(self, ref: SturdyRef) -> bool:
-        port = self.env.node_port if self.env.node_port != 901 else None
+        port = ref_port(self.env.node_port)
         return ref.node == SturdyRef.from_parts(
             self.env.node_address, port, "x", b"\0" * 16).node and ref.port == port
 

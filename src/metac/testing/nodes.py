@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import metac
+from metac.codec import refs
 from metac.codec.mountinfo import PATH as MOUNTINFO
 from metac.codec.mountinfo import parse_mountinfo
 from metac.testing import netns as _netns
 from metac.testing.netns import Host
 
 READY_LINE = "metac node ready"
-DEFAULT_PORT = 901
+DEFAULT_PORT = refs.DEFAULT_PORT
 NODE_STOP_GRACE = 10.0
 CLI_STOP_GRACE = 5.0
 

@@ -1,0 +1,72 @@
+"""The connections of one CLI command, opened when first needed.
+
+``Connection`` is what every command group resolves its arguments through: the
+local node's admin socket (root), the admin interface of a service of this node,
+the pool of node connections that restores ``ref://`` URIs, and the address to
+open a node's streams from. Everything it opens is closed with the command's
+``AsyncExitStack``. Streams are opened and piped through ``metac.api``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from metac.api import NodePool, connect_admin, local_address_for, service_admin
+from metac.codec.refs import SturdyRef
+
+
+class Connection:
+    """Lazily opened: the local NodeAdmin, service admins, the node pool."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+        self._admin: Any = None
+        self._pool: NodePool | None = None
+        self._services: dict[str, Any] = {}
+        self._address: str | None = None
+
+    async def admin(self) -> Any:
+        """NodeAdmin of the local node (root only)."""
+        if self._admin is None:
+            self._admin = await self._stack.enter_async_context(connect_admin())
+        return self._admin
+
+    async def service_admin(self, name: str, interface: Any) -> Any:
+        """The admin interface of this node's service ``name``."""
+        if name not in self._services:
+            self._services[name] = await service_admin(await self.admin(), name, interface)
+        return self._services[name]
+
+    async def pool(self) -> NodePool:
+        if self._pool is None:
+            self._pool = await self._stack.enter_async_context(NodePool())
+        return self._pool
+
+    async def restore(self, ref: SturdyRef, interface: Any) -> Any:
+        """The object of ``ref``, from the node it names."""
+        return await (await self.pool()).restore(ref, interface)
+
+    def forget(self, ref: SturdyRef) -> None:
+        """The connection to ``ref``'s node broke: reconnect on the next restore."""
+        if self._pool is not None:
+            self._pool.forget(ref.node, ref.port)
+
+    async def node_address(self) -> str:
+        """The local node's address (to open its streams from)."""
+        if self._address is None:
+            node = (await self.admin()).getUnprivilegedNode().node
+            self._address = str((await node.address()).address.ip)
+        return self._address
+
+    @staticmethod
+    def address_toward(ref: SturdyRef) -> str:
+        """Our address toward ``ref``'s node (to open its streams from)."""
+        return local_address_for(ref.node)
+
+
+@contextlib.asynccontextmanager
+async def connection() -> Any:
+    """A ``Connection`` whose connections close when the block ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield Connection(stack)
