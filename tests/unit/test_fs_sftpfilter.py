@@ -86,9 +86,12 @@ def test_any_split_gives_the_same_stream(stream: list[bytes], cuts: list[int]) -
     assert whole == b"".join(run(p) for p in stream)  # framing kept packet by packet
 
 
-@given(st.binary(max_size=2000), st.lists(st.integers(0, 3000), max_size=8))
-def test_garbage_never_raises_and_never_grows_unbounded(data: bytes, cuts: list[int]) -> None:
-    out = run(data, cuts)
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 3000), max_size=8),
+       st.sampled_from([None, sf.Rewrites(strip_setid=True),
+                        sf.Rewrites(lsetstat=True, strip_setid=True)]))
+def test_garbage_never_raises_and_never_grows_unbounded(data: bytes, cuts: list[int],
+                                                        rewrites: sf.Rewrites | None) -> None:
+    out = run(data, cuts, rewrites)
     assert len(out) <= len(data) + len(data) // 13 * 24 + 24
 
 
