@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fs_support import forward, node_pair, stop
+from fs_support import eventually, forward, node_pair, stop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -219,6 +219,8 @@ def test_a_raw_sftp_client_gets_no_setuid_bit_and_cannot_smuggle_one(pair) -> No
     finally:
         stop(fwd)
     assert got.pop("closed_after_smuggling") is True
+    eventually(lambda: any("stream refused: a packet of length 0" in p.read_text(errors="replace")
+                           for p in a.root.rglob("*.log")), what="the refusal in node A's logs")
     # sftp-server's lsetstat of a mode (fchmodat AT_SYMLINK_NOFOLLOW) may fail whatever
     # the mode (glibc goes through /proc, which its sandbox lacks); sshfs sends it none.
     lsetstat = got.pop("lsetstat_3775")
