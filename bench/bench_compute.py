@@ -18,6 +18,11 @@ busybox root filesystem in a temporary directory, and times, in the same run:
   (e) ``ssh 127.0.0.1 true`` against a throwaway sshd on a free loopback port
       (host and client keys made for the run, no PAM).
 
+It also times (f) ``metac --help`` (interpreter start-up and the CLI's imports:
+what every command pays before its first round trip). The goals of the CLI's
+start-up are checked on the same run: ``metac --help`` within 60 ms, and
+``metac run ... true`` within crun + 100 ms (both p50).
+
 It prints a table and writes JSON to ``bench/results/compute.json``. Every
 process it starts is stopped by PID at the end, and the temporary directory
 is removed, also when a measurement fails.
@@ -141,6 +146,33 @@ def bench_cli(node: Node, root: Path, n: int, warmup: int) -> list[float]:
     return timed(once, n, warmup)
 
 
+def bench_help(node: Node, n: int, warmup: int) -> list[float]:
+    def once() -> None:
+        proc = node.metac("--help")
+        if proc.returncode != 0:
+            raise RuntimeError(f"metac --help failed: {proc.stderr.decode()[-500:]}")
+
+    return timed(once, n, warmup)
+
+
+#: Start-up goals (p50, ms): `metac --help`, and `metac run ... true` over crun's.
+HELP_GOAL_MS = 60.0
+RUN_OVER_CRUN_GOAL_MS = 100.0
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    """The CLI start-up goals, measured on this run."""
+    out: dict[str, Any] = {"help_p50_ms": results["metac_help"]["p50_ms"],
+                           "help_goal_ms": HELP_GOAL_MS}
+    out["help_met"] = out["help_p50_ms"] <= HELP_GOAL_MS
+    crun = results.get("crun_run", {})
+    if "p50_ms" in crun:
+        over = round(results["metac_run_cli"]["p50_ms"] - crun["p50_ms"], 1)
+        out.update(run_over_crun_ms=over, run_over_crun_goal_ms=RUN_OVER_CRUN_GOAL_MS,
+                   run_met=over <= RUN_OVER_CRUN_GOAL_MS)
+    return out
+
+
 def bench_api(node: Node, root: Path, n: int, warmup: int) -> list[float]:
     async def main() -> list[float]:
         async with api.connect_admin(str(node.run_dir)) as admin:
@@ -262,7 +294,8 @@ def bench_ssh(tmp: Path, n: int, warmup: int) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("metac run ... true (CLI)", results["metac_run_cli"]),
+    rows = [("metac --help", results["metac_help"]),
+            ("metac run ... true (CLI)", results["metac_run_cli"]),
             ("metac API launch+wait+destroy", results["metac_api"]),
             ("runc run (same bundle)", results["runc_run"]),
             ("crun run (same bundle)", results["crun_run"]),
@@ -297,6 +330,7 @@ def main() -> int:
         root = tmp / "rootfs"
         rootfs.build_busybox(str(root))
         node.start()
+        results["metac_help"] = summary_ms(bench_help(node, n, warmup))
         results["metac_run_cli"] = summary_ms(bench_cli(node, root, n, warmup))
         results["metac_api"] = summary_ms(bench_api(node, root, n, warmup))
         bundle = make_bundle(tmp, root)
@@ -308,6 +342,7 @@ def main() -> int:
             if "containers run with" in line:
                 used = line.split("containers run with", 1)[1].strip()
         results["metac_runtime"] = used
+        results["goals"] = goals(results)
     finally:
         node.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -317,6 +352,13 @@ def main() -> int:
               "samples": n, "results": results}
     print(table(results))
     print(f"metac's runtime: {results.get('metac_runtime')}")
+    g = results.get("goals", {})
+    if g:
+        print(f"goals: metac --help {g['help_p50_ms']} ms (goal {HELP_GOAL_MS:g}: "
+              f"{'met' if g['help_met'] else 'NOT met'})"
+              + (f"; metac run over crun {g['run_over_crun_ms']} ms (goal "
+                 f"{RUN_OVER_CRUN_GOAL_MS:g}: {'met' if g['run_met'] else 'NOT met'})"
+                 if "run_met" in g else ""))
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0

@@ -13,7 +13,6 @@ away when its last process exits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -25,16 +24,7 @@ import time
 import tty
 from typing import Any
 
-from metac import errors
-from metac.api import (
-    Endpoint,
-    OpenedStream,
-    Pump,
-    open_stream,
-    ref_from_struct,
-    rpc_errors,
-    schema,
-)
+from metac import api, errors
 from metac.cli.connect import Connection, connection
 from metac.cli.output import as_json, local_path, mirror_url, suite_name, table
 from metac.codec.locators import LocalPath, Locator, NewLocal, RefLocator
@@ -120,7 +110,7 @@ def register(sub: Any) -> None:
 
 
 async def compute_admin(conn: Connection) -> Any:
-    return await conn.service_admin("compute", schema.compute.ComputeServiceAdmin)
+    return await conn.service_admin("compute", api.schema.compute.ComputeServiceAdmin)
 
 
 async def resolve_launcher(conn: Connection, text: str | None) -> tuple[Any, str]:
@@ -129,7 +119,7 @@ async def resolve_launcher(conn: Connection, text: str | None) -> tuple[Any, str
     if text:
         loc = Locator.parse(text, allowed=("ref",))
         assert isinstance(loc, RefLocator)
-        cap = await conn.restore(loc.ref, schema.compute.ComputeLauncher)
+        cap = await conn.restore(loc.ref, api.schema.compute.ComputeLauncher)
         return cap, conn.address_toward(loc.ref)
     launcher = (await (await compute_admin(conn)).getLauncher()).launcher
     return launcher, await conn.node_address()
@@ -137,9 +127,9 @@ async def resolve_launcher(conn: Connection, text: str | None) -> tuple[Any, str
 
 async def resolve_filesystem(conn: Connection, loc: Locator) -> Any:
     if isinstance(loc, RefLocator):
-        return await conn.restore(loc.ref, schema.fs.Filesystem)
+        return await conn.restore(loc.ref, api.schema.fs.Filesystem)
     assert isinstance(loc, LocalPath)
-    fs_admin = await conn.service_admin("fs", schema.fs.FilesystemServiceAdmin)
+    fs_admin = await conn.service_admin("fs", api.schema.fs.FilesystemServiceAdmin)
     # The admin's own directory: bind-mounted as it is (root in the container is
     # root on it anyway), not squashed like an exported one.
     root = fs_admin.rootNamespace().ns.filesystemPreservingOwners()
@@ -150,8 +140,8 @@ async def resolve_filesystem(conn: Connection, loc: Locator) -> Any:
 
 async def resolve_network(conn: Connection, loc: Locator) -> Any:
     if isinstance(loc, RefLocator):
-        return await conn.restore(loc.ref, schema.network.L2Interface)
-    net_admin = await conn.service_admin("net", schema.network.NetworkServiceAdmin)
+        return await conn.restore(loc.ref, api.schema.network.L2Interface)
+    net_admin = await conn.service_admin("net", api.schema.network.NetworkServiceAdmin)
     ns = net_admin.rootNamespace().ns
     if isinstance(loc, NewLocal):
         iface = (await ns.createInterface(loc.name)).iface
@@ -197,7 +187,7 @@ def _terminal_size() -> tuple[int, int]:
 async def _build_request(args: argparse.Namespace, conn: Connection, command: list[str],
                          mounts: list[MountOption], networks: list[NetworkOption],
                          env: list[str]) -> tuple[Any, Any]:
-    pd = schema.compute.ProcessDescription.new_message()
+    pd = api.schema.compute.ProcessDescription.new_message()
     pd.args = command
     pd.env = env
     pd.cwd = args.cwd
@@ -211,7 +201,7 @@ async def _build_request(args: argparse.Namespace, conn: Connection, command: li
         files[0].rows, files[0].cols = _terminal_size()
     else:
         pd.init("files", 3)
-    ed = schema.compute.ProcessEnvironmentDescription.new_message()
+    ed = api.schema.compute.ProcessEnvironmentDescription.new_message()
     fs_caps = [await resolve_filesystem(conn, m.source) for m in mounts]
     fss = ed.init("filesystems", len(mounts))
     for item, m, cap in zip(fss, mounts, fs_caps, strict=True):
@@ -235,6 +225,7 @@ async def _build_request(args: argparse.Namespace, conn: Connection, command: li
 
 
 async def run(args: argparse.Namespace) -> int:
+    import asyncio
     command, mounts, networks, env = _parse_run(args)
     async with connection() as conn:
         launcher, address = await resolve_launcher(conn, args.on)
@@ -243,7 +234,7 @@ async def run(args: argparse.Namespace) -> int:
         environment, process = res.env, res.process
         if args.background:
             ref = (await process.createSturdyRef(persistent=args.persistent)).id
-            print(ref_from_struct(ref).format())
+            print(api.ref_from_struct(ref).format())
             return 0
         try:
             code = await _attach(process, address, pty=args.pty)
@@ -292,26 +283,27 @@ class _Terminal:
         self._restore = []
 
 
-def _one_way(src: int, dst: int, name: str, on_eof: Any = None) -> Pump:
+def _one_way(src: int, dst: int, name: str, on_eof: Any = None) -> api.Pump:
     """A pump copying ``src`` to ``dst`` until EOF, then ``on_eof()``; closes neither."""
     r, w = os.pipe2(os.O_CLOEXEC)
     os.close(w)  # r reads EOF at once: the other direction ends immediately
     sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    reader = Endpoint(src, sink, shutdown_write=lambda: None, close=lambda: os.close(sink),
+    reader = api.Endpoint(src, sink, shutdown_write=lambda: None, close=lambda: os.close(sink),
                       name=f"{name} source")
-    writer = Endpoint(r, dst, shutdown_write=on_eof or (lambda: None),
+    writer = api.Endpoint(r, dst, shutdown_write=on_eof or (lambda: None),
                       close=lambda: os.close(r), name=f"{name} sink")
-    return Pump(reader, writer, name)
+    return api.Pump(reader, writer, name)
 
 
-def _half_close(opened: OpenedStream) -> Any:
+def _half_close(opened: api.OpenedStream) -> Any:
     return lambda: opened.sock.shutdown(socket.SHUT_WR)
 
 
 async def _attach(process: Any, address: str, *, pty: bool) -> int:
     """Connect the terminal to the process, wait for it; its return code."""
+    import asyncio
     term = _Terminal()
-    opened: list[OpenedStream] = []
+    opened: list[api.OpenedStream] = []
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
     main = asyncio.current_task()
@@ -331,7 +323,7 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
         forwarding.add(task)
         task.add_done_callback(forwarding.discard)
 
-    def start(pump: Pump) -> asyncio.Task[None]:
+    def start(pump: api.Pump) -> asyncio.Task[None]:
         task = loop.create_task(pump.run(), name=pump.name)
         tasks.append(task)
         return task
@@ -339,7 +331,7 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
     try:
         for i in range(1 if pty else 3):
             stream = (await process.file(i)).stream
-            opened.append(await open_stream(stream, local_address=address))
+            opened.append(await api.open_stream(stream, local_address=address))
         socks = [o.sock.fileno() for o in opened]
         if pty:
             term.raw()
@@ -432,10 +424,10 @@ async def kill(args: argparse.Namespace) -> int:
             if target.startswith("ref:"):
                 loc = Locator.parse(target, allowed=("ref",))
                 assert isinstance(loc, RefLocator)
-                process = await conn.restore(loc.ref, schema.compute.Process)
+                process = await conn.restore(loc.ref, api.schema.compute.Process)
                 ended_code: int | None = None
                 try:
-                    async with rpc_errors():  # caught here
+                    async with api.rpc_errors():  # caught here
                         ended_code = int((await process.returnCode()).code)
                 except errors.FailedPrecondition:
                     pass  # it still runs
@@ -462,7 +454,7 @@ async def export(args: argparse.Namespace) -> int:
     async with connection() as conn:
         launcher = (await (await compute_admin(conn)).getLauncher()).launcher
         ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
-    print(ref_from_struct(ref).format())
+    print(api.ref_from_struct(ref).format())
     return 0
 
 

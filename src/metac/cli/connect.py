@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from metac.api import NodePool, connect_admin, local_address_for, service_admin
+from metac import api
 from metac.codec.refs import SturdyRef
 
 
@@ -22,25 +22,25 @@ class Connection:
     def __init__(self, stack: contextlib.AsyncExitStack) -> None:
         self._stack = stack
         self._admin: Any = None
-        self._pool: NodePool | None = None
+        self._pool: api.NodePool | None = None
         self._services: dict[str, Any] = {}
         self._address: str | None = None
 
     async def admin(self) -> Any:
         """NodeAdmin of the local node (root only)."""
         if self._admin is None:
-            self._admin = await self._stack.enter_async_context(connect_admin())
+            self._admin = await self._stack.enter_async_context(api.connect_admin())
         return self._admin
 
     async def service_admin(self, name: str, interface: Any) -> Any:
         """The admin interface of this node's service ``name``."""
         if name not in self._services:
-            self._services[name] = await service_admin(await self.admin(), name, interface)
+            self._services[name] = await api.service_admin(await self.admin(), name, interface)
         return self._services[name]
 
-    async def pool(self) -> NodePool:
+    async def pool(self) -> api.NodePool:
         if self._pool is None:
-            self._pool = await self._stack.enter_async_context(NodePool())
+            self._pool = await self._stack.enter_async_context(api.NodePool())
         return self._pool
 
     async def restore(self, ref: SturdyRef, interface: Any) -> Any:
@@ -62,7 +62,7 @@ class Connection:
     @staticmethod
     def address_toward(ref: SturdyRef) -> str:
         """Our address toward ``ref``'s node (to open its streams from)."""
-        return local_address_for(ref.node)
+        return api.local_address_for(ref.node)
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,6 @@ sturdy refs (of any node).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import socket
@@ -20,8 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from metac import errors
-from metac.api import open_stream, ref_from_struct, schema
+from metac import api, errors
 from metac.cli.connect import Connection, connection
 from metac.cli.output import (
     as_json,
@@ -158,7 +156,7 @@ def _register_block(sub: Any) -> None:
 
 
 async def fs_admin(conn: Connection) -> Any:
-    return await conn.service_admin("fs", schema.fs.FilesystemServiceAdmin)
+    return await conn.service_admin("fs", api.schema.fs.FilesystemServiceAdmin)
 
 
 async def resolve(conn: Connection, text: str, interface: Any, *, follow: bool = True,
@@ -181,14 +179,14 @@ async def resolve(conn: Connection, text: str, interface: Any, *, follow: bool =
     ns = (await fs_admin(conn)).rootNamespace().ns
     root = (ns.filesystemPreservingOwners() if preserve_owners else ns.filesystem()).fs
     rel = "/".join(real.parts)
-    if interface is schema.fs.Filesystem:
+    if interface is api.schema.fs.Filesystem:
         cap = root.getSubtree(rel).fs if rel else root
         await cap.info()
     else:
         if not rel:
             raise errors.InvalidArgument("/ is not a file")
         cap = root.getFile(rel).file
-        if interface is schema.fs.BlockDevice:
+        if interface is api.schema.fs.BlockDevice:
             cap = cap.openAsBlock().device
         await cap.info()
     return cap, await conn.node_address()
@@ -200,17 +198,18 @@ async def _print_ref(args: argparse.Namespace, interface: Any,
     async with connection() as conn:
         cap, _ = await resolve(conn, args.resource, interface, follow=args.follow,
                                preserve_owners=getattr(args, "preserve_owners", False))
-        res = await derive(cap).cast_as(schema.core.Persistable).createSturdyRef(
+        res = await derive(cap).cast_as(api.schema.core.Persistable).createSturdyRef(
             persistent=args.persistent)
-    print(ref_from_struct(res.id).format())
+    print(api.ref_from_struct(res.id).format())
     return 0
 
 
-def _exporter(interface: Any, field: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
-    """`metac fs|file|block export`; ``field`` names what ``readOnly()`` returns."""
+def _exporter(interface: str, field: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    """`metac fs|file|block export` of ``fs.<interface>``; ``field`` names what
+    ``readOnly()`` returns."""
 
     async def export(args: argparse.Namespace) -> int:
-        return await _print_ref(args, interface, lambda cap: (
+        return await _print_ref(args, getattr(api.schema.fs, interface), lambda cap: (
             getattr(cap.readOnly(), field) if args.read_only else cap))
 
     return export
@@ -249,17 +248,17 @@ async def _show(args: argparse.Namespace, what: str, row: Callable[[Any], dict[s
 # --- fs ---------------------------------------------------------------------------------------
 
 
-fs_export = _exporter(schema.fs.Filesystem, "fs")
+fs_export = _exporter("Filesystem", "fs")
 
 
 async def fs_mount(args: argparse.Namespace) -> int:
     path = checked_mount_point(args.path)
     async with connection() as conn:
         # A local: directory is the admin's own: bind-mounted as root, as `mount --bind`.
-        fs, _ = await resolve(conn, args.resource, schema.fs.Filesystem,
+        fs, _ = await resolve(conn, args.resource, api.schema.fs.Filesystem,
                               preserve_owners=args.resource.startswith("local:"))
         ns = (await fs_admin(conn)).rootNamespace().ns
-        options = schema.fs.MountOptions.new_message()
+        options = api.schema.fs.MountOptions.new_message()
         options.method = "" if args.method == "auto" else args.method
         options.readOnly = args.read_only
         options.keep = True  # the mount outlives this command
@@ -301,14 +300,14 @@ async def fs_ls(args: argparse.Namespace) -> int:
 
 
 async def fs_stream(args: argparse.Namespace) -> int:
-    return await _print_ref(args, schema.fs.Filesystem, lambda fs: (
+    return await _print_ref(args, api.schema.fs.Filesystem, lambda fs: (
         fs.v9fsStream().stream if args.protocol == "9p" else fs.sftpStream().stream))
 
 
 # --- file -------------------------------------------------------------------------------------
 
 
-file_export = _exporter(schema.fs.File, "file")
+file_export = _exporter("File", "file")
 
 
 class Progress:
@@ -352,14 +351,15 @@ class Progress:
 
 
 async def file_cat(args: argparse.Namespace) -> int:
+    import asyncio
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
-        f, local = await resolve(Connection(stack), args.resource, schema.fs.File)
+        f, local = await resolve(Connection(stack), args.resource, api.schema.fs.File)
         info = (await f.info()).info
         if not info.exists:
             raise errors.NotFound("no such file")
         stream = (await f.openAsStream()).stream
-        opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
+        opened = await stack.enter_async_context(await api.open_stream(stream, local_address=local))
         progress = Progress(info.size)
         buf = bytearray(CHUNK)
         out = sys.stdout.buffer
@@ -375,11 +375,12 @@ async def file_cat(args: argparse.Namespace) -> int:
 
 
 async def file_put(args: argparse.Namespace) -> int:
+    import asyncio
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
-        f, local = await resolve(Connection(stack), args.resource, schema.fs.File)
+        f, local = await resolve(Connection(stack), args.resource, api.schema.fs.File)
         stream = (await f.openForWrite(args.append)).stream
-        opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
+        opened = await stack.enter_async_context(await api.open_stream(stream, local_address=local))
         sock = opened.sock
         stdin = sys.stdin.buffer.fileno()
         st = os.fstat(stdin)
@@ -405,18 +406,18 @@ async def file_put(args: argparse.Namespace) -> int:
 # --- block ------------------------------------------------------------------------------------
 
 
-block_export = _exporter(schema.fs.BlockDevice, "device")
+block_export = _exporter("BlockDevice", "device")
 
 
 async def block_stream(args: argparse.Namespace) -> int:
-    return await _print_ref(args, schema.fs.BlockDevice, lambda dev: dev.nbdSetup().stream)
+    return await _print_ref(args, api.schema.fs.BlockDevice, lambda dev: dev.nbdSetup().stream)
 
 
 async def block_attach(args: argparse.Namespace) -> int:
     mount_path = checked_mount_point(args.mount) if args.mount else ""
     async with connection() as conn:
-        dev, _ = await resolve(conn, args.resource, schema.fs.BlockDevice)
-        options = schema.fs.AttachOptions.new_message()
+        dev, _ = await resolve(conn, args.resource, api.schema.fs.BlockDevice)
+        options = api.schema.fs.AttachOptions.new_message()
         options.readOnly = args.read_only
         options.mountPath = mount_path
         options.keep = True  # the attachment outlives this command

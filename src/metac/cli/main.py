@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import inspect
 import os
@@ -55,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(func: Callable[..., Any], args: argparse.Namespace) -> int:
     """Run a command function (sync or async, inside the kj loop); map errors to exit codes."""
+    import asyncio
+
     import capnp
 
     from metac.core import client

@@ -13,14 +13,13 @@ bind, re-establishes it after restarts, and ``metac net unbind`` ends it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import signal
 import sys
 from typing import Any
 
-from metac import errors
-from metac.api import SturdyRef, ref_from_struct, rpc_errors, schema
+from metac import api, errors
+from metac.api import SturdyRef
 from metac.cli.connect import Connection, connection
 from metac.cli.output import as_json, table
 from metac.codec.locators import LocalDevice, Locator, NewLocal, RefLocator
@@ -57,7 +56,7 @@ def register(sub: Any) -> None:
 
 
 async def _net_admin(conn: Connection) -> Any:
-    return await conn.service_admin("net", schema.network.NetworkServiceAdmin)
+    return await conn.service_admin("net", api.schema.network.NetworkServiceAdmin)
 
 
 def _parse(text: str) -> Locator:
@@ -71,18 +70,19 @@ def _shown(loc: Locator) -> str:
 async def _open(conn: Connection, loc: Locator) -> tuple[Any, Any]:
     """(L2Interface capability, KernelInterface if we created it here)."""
     if isinstance(loc, RefLocator):
-        return await conn.restore(loc.ref, schema.network.L2Interface), None
+        return await conn.restore(loc.ref, api.schema.network.L2Interface), None
     net_admin = await _net_admin(conn)
     if isinstance(loc, LocalDevice):
         iface = net_admin.rootNamespace().ns.getInterface(loc.name).iface
         await iface.getName()  # fail now (NotFound) rather than inside bindTo
-        return iface.cast_as(schema.network.L2Interface), None
+        return iface.cast_as(api.schema.network.L2Interface), None
     assert isinstance(loc, NewLocal)
     iface = (await net_admin.rootNamespace().ns.createInterface(loc.name)).iface
-    return iface.cast_as(schema.network.L2Interface), iface
+    return iface.cast_as(api.schema.network.L2Interface), iface
 
 
 async def list_net(args: argparse.Namespace) -> int:
+    import asyncio
     async with connection() as conn:
         net = await _net_admin(conn)
         ifaces = (await net.rootNamespace().ns.listInterfaces()).interfaces
@@ -122,7 +122,7 @@ async def export(args: argparse.Namespace) -> int:
 
 
 def _format_ref(msg: Any) -> str:
-    return ref_from_struct(msg).format()
+    return api.ref_from_struct(msg).format()
 
 
 async def bind(args: argparse.Namespace) -> int:
@@ -159,6 +159,7 @@ async def bind(args: argparse.Namespace) -> int:
 
 async def _hold(holder: Any) -> int:
     """Wait for a signal (then release) or for the bind to end elsewhere."""
+    import asyncio
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -186,9 +187,10 @@ async def _hold(holder: Any) -> int:
 
 
 async def _wait_holder(holder: Any) -> None:
+    import asyncio
     try:
-        async with rpc_errors():  # Unsupported is caught here
-            await holder.cast_as(schema.network.WaitableHolder).wait()
+        async with api.rpc_errors():  # Unsupported is caught here
+            await holder.cast_as(api.schema.network.WaitableHolder).wait()
     except errors.Unsupported:
         await asyncio.Event().wait()  # cannot watch it: only a signal ends the command
 
@@ -212,7 +214,7 @@ async def unbind(args: argparse.Namespace) -> int:
 
 async def _unbind_ref(ref: SturdyRef) -> int:
     async with connection() as conn:
-        holder = await conn.restore(ref, schema.core.Holder)
+        holder = await conn.restore(ref, api.schema.core.Holder)
         await holder.release()  # the bind's service also revokes its refs
     print("released the bind and revoked its refs")
     return 0

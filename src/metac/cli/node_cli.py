@@ -11,8 +11,7 @@ import sys
 import time
 from typing import Any
 
-from metac import errors
-from metac.api import connect_admin
+from metac import api, errors
 from metac.cli.output import as_json, local_path, table
 from metac.codec.refs import DEFAULT_PORT, node_port, show_endpoint
 
@@ -191,7 +190,7 @@ def check_without_root(port: int, dirs: dict[str, str]) -> None:
 
 
 async def status(args: argparse.Namespace) -> int:
-    async with connect_admin() as admin:
+    async with api.connect_admin() as admin:
         node = admin.getUnprivilegedNode().node
         addr = (await node.address()).address
         services = (await admin.listServices()).services

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -65,6 +64,7 @@ def slow_notice(what: str) -> None:
 async def waiting(what: str) -> Any:
     """Tell about a long call that reports no progress of its own: after a second
     ``what … N s`` on a terminal (updated each second), one line otherwise."""
+    import asyncio
     if not progress_enabled():
         yield
         return

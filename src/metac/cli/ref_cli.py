@@ -7,8 +7,8 @@ import datetime
 import re
 from typing import Any
 
-from metac import errors
-from metac.api import NodePool, SturdyRef, connect_admin, schema, service_admin
+from metac import api, errors
+from metac.api import SturdyRef
 from metac.cli.output import as_json, table
 from metac.codec.refs import node_port
 
@@ -78,11 +78,11 @@ def _tree_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def _persistence(admin: Any) -> Any:
-    return await service_admin(admin, "persistence", schema.persistence.PersistenceAdmin)
+    return await api.service_admin(admin, "persistence", api.schema.persistence.PersistenceAdmin)
 
 
 async def list_refs(args: argparse.Namespace) -> int:
-    async with connect_admin() as admin:
+    async with api.connect_admin() as admin:
         padmin = await _persistence(admin)
         refs = (await padmin.listRefs()).refs
         rows = [_info_dict(r) for r in refs]
@@ -96,7 +96,7 @@ async def list_refs(args: argparse.Namespace) -> int:
 
 async def _local_address() -> tuple[str, int | None] | None:
     try:
-        async with connect_admin() as admin:
+        async with api.connect_admin() as admin:
             addr = (await admin.getUnprivilegedNode().node.address()).address
             return SturdyRef.from_parts(addr.ip, addr.port or None, "x", b"\0" * 16).node, \
                 addr.port or None
@@ -108,11 +108,11 @@ async def show_ref(args: argparse.Namespace) -> int:
     ref = SturdyRef.parse(args.ref)
     out: dict[str, Any] = {"ref": ref.redacted(), "node": ref.node, "port": node_port(ref.port),
                            "service": ref.service}
-    async with NodePool() as pool:
+    async with api.NodePool() as pool:
         await pool.restore(ref)
         out["valid"] = True
     if await _local_address() == (ref.node, ref.port):
-        async with connect_admin() as admin:
+        async with api.connect_admin() as admin:
             padmin = await _persistence(admin)
             out.update(_info_dict((await padmin.getRefInfo(ref.secret_bytes)).info))
     if args.json:
@@ -135,7 +135,7 @@ async def remove_ref(args: argparse.Namespace) -> int:
                 "this ref lives on another node; revoke it there (metac ref rm runs as root on "
                 "the ref's node)")
         secret, short = ref.secret_bytes, ""
-    async with connect_admin() as admin:
+    async with api.connect_admin() as admin:
         padmin = await _persistence(admin)
         info = (await padmin.deleteRef(secret, short)).info
     print(f"revoked {info.shortId} ({info.service}/{info.category})")
@@ -143,7 +143,7 @@ async def remove_ref(args: argparse.Namespace) -> int:
 
 
 async def create_group(args: argparse.Namespace) -> int:
-    async with connect_admin() as admin:
+    async with api.connect_admin() as admin:
         padmin = await _persistence(admin)
         await padmin.createGroup(args.name)
     print(args.name)
@@ -151,7 +151,7 @@ async def create_group(args: argparse.Namespace) -> int:
 
 
 async def drop_group(args: argparse.Namespace) -> int:
-    async with connect_admin() as admin:
+    async with api.connect_admin() as admin:
         padmin = await _persistence(admin)
         n = (await padmin.dropGroup(args.name)).revoked
     print(f"dropped group {args.name}, revoked {n} ref(s)")

@@ -7,13 +7,11 @@ endpoints of the local node (exported on the fly; needs root).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import socket
 from typing import Any
 
-from metac import errors
-from metac.api import Endpoint, open_stream, pipe_endpoints, ref_from_struct, rpc_errors, schema
+from metac import api, errors
 from metac.cli.connect import Connection, connection
 from metac.cli.output import error
 from metac.codec.locators import Locator, RefLocator, TcpEndpoint
@@ -54,9 +52,9 @@ async def resolve(conn: Connection, text: str) -> tuple[Any, str]:
     """STREAM text as a Stream capability, and the address to open it from."""
     loc = Locator.parse(text, allowed=STREAM_KINDS)
     if isinstance(loc, RefLocator):
-        return await conn.restore(loc.ref, schema.stream.Stream), conn.address_toward(loc.ref)
-    stream_admin = await conn.service_admin("stream", schema.stream.StreamServiceAdmin)
-    async with rpc_errors():  # `forward` catches a failure of a second resolve
+        return await conn.restore(loc.ref, api.schema.stream.Stream), conn.address_toward(loc.ref)
+    stream_admin = await conn.service_admin("stream", api.schema.stream.StreamServiceAdmin)
+    async with api.rpc_errors():  # `forward` catches a failure of a second resolve
         if isinstance(loc, TcpEndpoint):
             cap = (await stream_admin.tcpEndpoint(loc.host, loc.port)).stream
         else:
@@ -75,15 +73,15 @@ async def export(args: argparse.Namespace) -> int:
     async with connection() as conn:
         cap, _ = await resolve(conn, args.resource)
         ref = (await cap.createSturdyRef(persistent=args.persistent)).id
-        print(ref_from_struct(ref).format())
+        print(api.ref_from_struct(ref).format())
     return 0
 
 
 async def cat_stream(args: argparse.Namespace) -> int:
     async with connection() as conn:
         cap, address = await resolve(conn, args.stream)
-        async with await open_stream(cap, local_address=address) as opened:
-            pump = await pipe_endpoints(Endpoint.of_stdio(), opened.endpoint(), "cat")
+        async with await api.open_stream(cap, local_address=address) as opened:
+            pump = await api.pipe_endpoints(api.Endpoint.of_stdio(), opened.endpoint(), "cat")
     if pump.error is not None and not isinstance(pump.error, BrokenPipeError):
         raise errors.Unavailable(f"stream broken: {pump.error}")
     return 0
@@ -107,6 +105,7 @@ class _Revoked(Exception):
 
 
 async def forward(args: argparse.Namespace) -> int:
+    import asyncio
     host, port = _listen_address(args.listen)
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
@@ -126,14 +125,14 @@ async def forward(args: argparse.Namespace) -> int:
         revoked = asyncio.Event()
 
         async def one(sock: socket.socket, peer: Any) -> None:
-            client = Endpoint.of_socket(sock, "client")
+            client = api.Endpoint.of_socket(sock, "client")
             try:
                 try:
-                    opened = await open_stream(state["cap"], local_address=address)
+                    opened = await api.open_stream(state["cap"], local_address=address)
                 except errors.Unavailable:
                     forget(conn, args.stream)  # the node may have restarted: once more
                     state["cap"], _ = await resolve(conn, args.stream)
-                    opened = await open_stream(state["cap"], local_address=address)
+                    opened = await api.open_stream(state["cap"], local_address=address)
             except errors.MetacError as exc:
                 client.close()
                 if isinstance(exc, errors.NotFound):
@@ -142,7 +141,7 @@ async def forward(args: argparse.Namespace) -> int:
                 error(exc.category, str(exc))
                 return
             async with opened:
-                await pipe_endpoints(client, opened.endpoint(),
+                await api.pipe_endpoints(client, opened.endpoint(),
                                      f"forward {peer[0]}:{peer[1]}")
 
         async def stop_when_revoked() -> None:
@@ -170,5 +169,5 @@ async def bind(args: argparse.Namespace) -> int:
         second, _ = await resolve(conn, args.second)
         holder = (await first.bindTo(second)).holder
         ref = (await holder.createSturdyRef(persistent=args.persistent)).id
-        print(ref_from_struct(ref).format())
+        print(api.ref_from_struct(ref).format())
     return 0
