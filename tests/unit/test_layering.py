@@ -13,10 +13,23 @@ SERVICES = {"persistence", "stream", "fs", "net", "compute"}
 PURE_CODEC_BANNED = {"asyncio", "socket", "capnp", "subprocess", "os", "metac.core", "metac.schema"}
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, *, module_level: bool = False) -> set[str]:
+    """What ``path`` imports; with ``module_level``, only the imports made when it loads
+    (``if TYPE_CHECKING:`` blocks included; imports inside functions, made when called,
+    are not)."""
     tree = ast.parse(path.read_text(), str(path))
     names: set[str] = set()
-    for node in ast.walk(tree):
+    if module_level:
+        nodes: list[ast.AST] = []
+        todo = list(tree.body)
+        while todo:
+            node = todo.pop()
+            nodes.append(node)
+            if isinstance(node, (ast.If, ast.Try)):
+                todo.extend(ast.iter_child_nodes(node))
+    else:
+        nodes = list(ast.walk(tree))
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -71,27 +84,10 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _module_level_imports(path: Path) -> set[str]:
-    """Imports made when the module loads (``if TYPE_CHECKING:`` blocks included; imports
-    inside functions, made when called, are not)."""
-    names: set[str] = set()
-    todo = list(ast.parse(path.read_text(), str(path)).body)
-    while todo:
-        node = todo.pop()
-        if isinstance(node, (ast.If, ast.Try)):
-            todo.extend(ast.iter_child_nodes(node))
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
 def test_no_import_cycles() -> None:
     """No module imports itself through others (type-checking imports included)."""
     paths = {_module_name(p): p for p in SRC.rglob("*.py")}
-    graph = {name: {i for i in _module_level_imports(path) if i in paths and i != name}
+    graph = {name: {i for i in _imports(path, module_level=True) if i in paths and i != name}
              for name, path in paths.items()}
     # A package's __init__ importing its own modules is how packages work, not a cycle.
     for name in graph:

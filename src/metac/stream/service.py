@@ -66,21 +66,21 @@ class StreamService(ServiceDefinition):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.host = StreamHost(ctx.env.node_address, listen_timeout=_listen_timeout(),
-                               ctx=ctx)
+        self.state = StreamHost(ctx.env.node_address, listen_timeout=_listen_timeout(),
+                                ctx=ctx)
 
     def admin(self) -> Any:
-        return StreamAdminServer(self.host, self.ctx)
+        return StreamAdminServer(self.state, self.ctx)
 
     async def restore_tcp(self, data: dict[str, Any], caps: list[Any]) -> Any:
         try:
-            return tcp_stream(self.host, self.ctx, TcpEndpoint(str(data["host"]), int(data["port"])))
+            return tcp_stream(self.state, self.ctx, TcpEndpoint(str(data["host"]), int(data["port"])))
         except (KeyError, ValueError, LocatorError):
             raise errors.InvalidArgument("corrupt tcp stream description") from None
 
     async def restore_unix(self, data: dict[str, Any], caps: list[Any]) -> Any:
         try:
-            return unix_stream(self.host, self.ctx, UnixEndpoint(str(data["path"])))
+            return unix_stream(self.state, self.ctx, UnixEndpoint(str(data["path"])))
         except (KeyError, ValueError, LocatorError):
             raise errors.InvalidArgument("corrupt unix stream description") from None
 
@@ -93,7 +93,7 @@ class StreamService(ServiceDefinition):
             return (await first.bindTo(second)).holder
 
     async def aclose(self) -> None:
-        await self.host.aclose()
+        await self.state.aclose()
 
 
 def main() -> None:
