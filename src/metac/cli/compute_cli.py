@@ -329,9 +329,15 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
         return task
 
     try:
-        for i in range(1 if pty else 3):
-            stream = (await process.file(i)).stream
-            opened.append(await api.open_stream(stream, local_address=address))
+        # All at once, each on the pipelined answer of process.file(i): no round trip
+        # waits for another.
+        results = await asyncio.gather(
+            *(api.open_stream(process.file(i).stream, local_address=address)
+              for i in range(1 if pty else 3)), return_exceptions=True)
+        opened.extend(r for r in results if not isinstance(r, BaseException))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         socks = [o.sock.fileno() for o in opened]
         if pty:
             term.raw()
