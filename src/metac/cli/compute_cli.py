@@ -19,9 +19,7 @@ import signal
 import socket
 import stat
 import sys
-import termios
 import time
-import tty
 from typing import Any
 
 from metac import api, errors
@@ -272,6 +270,9 @@ class _Terminal:
 
     def raw(self) -> None:
         if os.isatty(0):
+            import termios  # here: only a terminal session needs them
+            import tty
+
             saved = termios.tcgetattr(0)
             tty.setraw(0)
             self._restore.append(lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
 import signal
 import sys
@@ -55,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(func: Callable[..., Any], args: argparse.Namespace) -> int:
     """Run a command function (sync or async, inside the kj loop); map errors to exit codes."""
     import asyncio
+    import inspect
 
     import capnp
 

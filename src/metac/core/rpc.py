@@ -50,7 +50,8 @@ def _wire_class(category: str) -> type[Exception]:
     return type(
         category,
         (Exception,),
-        {"__module__": "builtins", "__traceback__": property(lambda s: None, lambda s, v: None)},
+        {"__module__": "builtins", "__traceback__": property(lambda s: None, lambda s, v: None),
+         "wire_error": True},
     )
 
 
@@ -76,7 +77,9 @@ def _guard(name: str, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awai
             raise wire_exception(errors.from_kj(exc)) from None
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if getattr(exc, "wire_error", False):
+                raise  # already crossed a boundary of this process (an in-process call)
             incident = secrets.token_hex(4)
             log.exception("internal error in %s (incident %s)", name, incident)
             raise wire_exception(errors.Internal(f"incident {incident}")) from None
