@@ -31,6 +31,7 @@ BUILTIN_SERVICES: dict[str, str] = {
     "stream": "metac.stream",
     "fs": "metac.fs",
     "compute": "metac.compute",
+    "vm": "metac.vm",
 }
 
 BACKOFF_FIRST = 0.5

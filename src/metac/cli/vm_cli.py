@@ -1,0 +1,260 @@
+"""`metac vm export|launch|ls|console|serial|destroy`: virtual machines.
+
+``metac vm launch`` starts a VM on this node or on the node of ``--on
+LAUNCHER-URI``; its kernel and initrd are files (``local:PATH`` of this node or
+refs of any node), its serial ports streams of any node (``--serial REF``) or
+new ones (``--serial new``), reachable later with ``metac vm console`` or
+``metac vm serial``. It prints a ref to the VM; the VM runs while that ref (or
+any other capability to it) exists, until ``metac vm destroy`` or the guest
+powers off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import termios
+import time
+import tty
+from typing import Any
+
+from metac import errors
+from metac.api import ref_from_struct, rpc_errors, schema
+from metac.api import service_admin as get_service_admin
+from metac.cli.fs_cli import Resources
+from metac.cli.output import as_json, table
+from metac.codec.locators import Locator, RefLocator
+from metac.core.streams import local_address_for, open_stream
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("vm", help="virtual machines with kernels, disks and serial ports from "
+                                  "any node")
+    s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
+
+    ex = s.add_parser("export", help="print a ref to this node's VMLauncher")
+    ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    ex.set_defaults(func=export)
+
+    la = s.add_parser("launch", help="start a VM; prints a ref to it",
+                      description="Start a VM. Example: metac vm launch --kernel "
+                                  "local:/boot/vmlinuz --initrd ref://... --cmdline "
+                                  "console=ttyS0 --console")
+    la.add_argument("--on", metavar="LAUNCHER-URI",
+                    help="ref of a VMLauncher (`metac vm export` on its node); default: this "
+                         "node")
+    la.add_argument("-m", "--memory", type=int, default=512, metavar="MiB",
+                    help="guest memory (default 512)")
+    la.add_argument("-c", "--vcpus", type=int, default=1, metavar="N",
+                    help="virtual CPUs (default 1)")
+    la.add_argument("--kernel", metavar="FILE-URI", help="kernel to boot: local:PATH or ref")
+    la.add_argument("--initrd", metavar="FILE-URI", help="initrd: local:PATH or ref")
+    la.add_argument("--cmdline", default="", help="kernel command line")
+    la.add_argument("--boot-disk", type=int, default=None, metavar="N",
+                    help="boot drive N with the BIOS instead of a kernel")
+    la.add_argument("--serial", action="append", default=[], metavar="STREAM-URI|new",
+                    help="a serial port: a stream ref, or new (reach it later with `metac vm "
+                         "console`); repeatable, the first is ttyS0")
+    la.add_argument("--console", action="store_true",
+                    help="then attach this terminal to serial port 0 until the VM stops "
+                         "(Ctrl-] detaches and leaves it running)")
+    la.set_defaults(func=launch)
+
+    ls = s.add_parser("ls", help="VMs of this node")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    ls.set_defaults(func=list_vms)
+
+    co = s.add_parser("console", help="attach this terminal to a VM's serial port "
+                                      "(Ctrl-] detaches)")
+    co.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
+    co.add_argument("--port", type=int, default=0, help="serial port (default 0)")
+    co.set_defaults(func=console)
+
+    se = s.add_parser("serial", help="print a ref to a VM's serial port stream")
+    se.add_argument("vm", metavar="VM-URI")
+    se.add_argument("--port", type=int, default=0, help="serial port (default 0)")
+    se.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    se.set_defaults(func=serial)
+
+    de = s.add_parser("destroy", help="stop a VM and release everything it used")
+    de.add_argument("vm", metavar="VM-URI")
+    de.set_defaults(func=destroy)
+
+
+async def _vm_admin(res: Resources) -> Any:
+    return await get_service_admin(await res.admin(), "vm", schema.vm.VMServiceAdmin)
+
+
+async def _restore(res: Resources, text: str, interface: Any) -> tuple[Any, str]:
+    loc = Locator.parse(text, allowed=("ref",))
+    assert isinstance(loc, RefLocator)
+    cap = await (await res.pool()).restore(loc.ref, interface)
+    return cap, local_address_for(loc.ref.node)
+
+
+async def export(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        admin = await _vm_admin(Resources(stack))
+        async with rpc_errors():
+            launcher = (await admin.getLauncher()).launcher
+            ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
+    print(ref_from_struct(ref).format())
+    return 0
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    if (args.kernel is None) == (args.boot_disk is None):
+        raise errors.InvalidArgument("give --kernel FILE-URI or --boot-disk N (one of them)")
+    if args.boot_disk is not None:
+        raise errors.Unsupported("--boot-disk needs drives, which this version does not "
+                                 "support yet")
+    if args.initrd and not args.kernel:
+        raise errors.InvalidArgument("--initrd needs --kernel")
+    if args.memory <= 0 or args.vcpus <= 0:
+        raise errors.InvalidArgument("memory and vcpus must be positive")
+
+
+async def launch(args: argparse.Namespace) -> int:
+    _check_launch(args)
+    serials = list(args.serial)
+    if args.console and not serials:
+        serials = ["new"]
+    async with contextlib.AsyncExitStack() as stack:
+        res = Resources(stack)
+        if args.on:
+            launcher, address = await _restore(res, args.on, schema.vm.VMLauncher)
+        else:
+            admin = await _vm_admin(res)
+            async with rpc_errors():
+                launcher = (await admin.getLauncher()).launcher
+            address = await res.node_address()
+        config = schema.vm.LaunchConfiguration.new_message()
+        config.memory = args.memory
+        config.vcpu = args.vcpus
+        kb = config.boot.init("kernel")
+        kb.kernel, _ = await res.resolve(args.kernel, schema.fs.File)
+        if args.initrd:
+            kb.initrd, _ = await res.resolve(args.initrd, schema.fs.File)
+        kb.cmdline = args.cmdline
+        ports = config.init("serialPorts", len(serials))
+        for i, (port, text) in enumerate(zip(ports, serials, strict=True)):
+            if text == "new":
+                # The console attaches right after launch: port 0 waits for it then.
+                port.nowait = not (args.console and i == 0)
+            else:
+                port.stream, _ = await _restore(res, text, schema.stream.Stream)
+        async with rpc_errors():
+            vm = (await launcher.launch(config)).vm
+            ref = (await vm.createSturdyRef(persistent=False)).id
+        print(ref_from_struct(ref).format(), flush=True)
+        if args.console:
+            async with rpc_errors():
+                stream = (await vm.serialPort(0)).stream
+            await _attach(stream, address, vm)
+    return 0
+
+
+async def list_vms(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        admin = await _vm_admin(Resources(stack))
+        async with rpc_errors():
+            vms = (await admin.listVMs()).vms
+            accel = await admin.accelerator()
+        now = time.time()
+        rows = [{"id": v.id, "state": v.state, "accel": v.accel, "memory": v.memory,
+                 "vcpus": v.vcpu, "pid": v.pid,
+                 "uptime": round(now - v.started, 1) if v.started else 0.0} for v in vms]
+    if args.json:
+        as_json({"accelerator": accel.name, "detail": accel.detail, "vms": rows})
+        return 0
+    print(f"accelerator: {accel.name} ({accel.detail})")
+    table(rows, ["id", "state", "accel", "memory", "vcpus", "pid", "uptime"])
+    return 0
+
+
+async def console(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        vm, address = await _restore(Resources(stack), args.vm, schema.vm.VM)
+        async with rpc_errors():
+            stream = (await vm.serialPort(args.port)).stream
+        await _attach(stream, address, vm)
+    return 0
+
+
+async def serial(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        vm, _ = await _restore(Resources(stack), args.vm, schema.vm.VM)
+        async with rpc_errors():
+            stream = (await vm.serialPort(args.port)).stream
+            ref = (await stream.createSturdyRef(persistent=args.persistent)).id
+    print(ref_from_struct(ref).format())
+    return 0
+
+
+async def destroy(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        vm, _ = await _restore(Resources(stack), args.vm, schema.vm.VM)
+        async with rpc_errors():
+            await vm.destroy()
+    return 0
+
+
+async def _attach(stream: Any, address: str, vm: Any) -> None:
+    """This terminal on a serial port until the port closes (VM stopped) or Ctrl-]."""
+    loop = asyncio.get_running_loop()
+    opened = await open_stream(stream, local_address=address)
+    done = loop.create_future()
+    saved = None
+    stdin_fd = sys.stdin.fileno()
+    interactive = os.isatty(stdin_fd)
+    if interactive:
+        saved = termios.tcgetattr(stdin_fd)
+        tty.setraw(stdin_fd)
+        sys.stderr.write("(console attached; Ctrl-] detaches)\r\n")
+        sys.stderr.flush()
+
+    def keyboard() -> None:
+        try:
+            data = os.read(stdin_fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(stdin_fd)  # end of input: keep showing the output
+            return
+        if DETACH in data:
+            data = data[:data.index(DETACH)]
+            if not done.done():
+                done.set_result("detached")
+        with contextlib.suppress(OSError):
+            opened.sock.send(data)
+
+    async def screen() -> None:
+        while True:
+            data = await loop.sock_recv(opened.sock, 65536)
+            if not data:
+                break
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        if not done.done():
+            done.set_result("closed")
+
+    with contextlib.suppress(OSError, ValueError):
+        loop.add_reader(stdin_fd, keyboard)
+    reader = loop.create_task(screen(), name="console output")
+    try:
+        await done
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(stdin_fd)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        if saved is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        await opened.aclose(timeout=1.0)
+    if done.result() == "detached":
+        sys.stderr.write("\r\n(detached; the VM keeps running)\n")

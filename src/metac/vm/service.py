@@ -1,0 +1,271 @@
+"""Schema-facing servers of the vm service: admin, launcher and VM; the service definition.
+
+Lifetime: a VM runs while any ``VMServer`` of it exists (each holds a lease;
+pycapnp frees a server when its last client reference goes, also when a
+client's connection ends; a sturdy ref's row in the persistence service holds
+one too), until ``destroy()`` or the guest powers off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+from typing import Any
+
+from metac import errors
+from metac.core.rpc import Servant
+from metac.core.service import (
+    Description,
+    PersistableMixin,
+    ServiceContext,
+    ServiceDefinition,
+    run_service,
+)
+from metac.core.streams import StreamHost
+from metac.core.tasks import TaskSet
+from metac.schema.load import vm as vm_schema
+from metac.vm import accel as accel_mod
+from metac.vm import qemu
+from metac.vm.machine import SERIAL_CATEGORY, LaunchPlan, SerialPlan, VirtualMachine
+
+log = logging.getLogger(__name__)
+
+MAX_SERIAL_PORTS = 16
+DEFAULT_MEMORY_MIB = 512
+
+
+def _cap(msg: Any, name: str) -> Any:
+    return getattr(msg, name) if msg._has(name) else None
+
+
+def parse_config(config: Any) -> LaunchPlan:
+    """A LaunchConfiguration as a LaunchPlan (InvalidArgument naming the field)."""
+    memory = int(config.memory) or DEFAULT_MEMORY_MIB
+    vcpus = int(config.vcpu) or 1
+    if memory < qemu.MIN_MEMORY_MIB:
+        raise errors.InvalidArgument(f"memory {memory} MiB is too little: a VM needs at "
+                                     f"least {qemu.MIN_MEMORY_MIB} MiB")
+    if not 1 <= vcpus <= qemu.MAX_VCPUS:
+        raise errors.InvalidArgument(f"vcpu must be in 1..{qemu.MAX_VCPUS}, not {vcpus}")
+    plan = LaunchPlan(memory_mib=memory, vcpus=vcpus)
+    boot = config.boot
+    if boot.which() == "kernel":
+        kb = boot.kernel
+        plan.kernel = _cap(kb, "kernel")
+        if plan.kernel is None:
+            raise errors.InvalidArgument("boot.kernel.kernel is missing")
+        plan.initrd = _cap(kb, "initrd")
+        plan.cmdline = str(kb.cmdline)
+    else:
+        plan.boot_disk = int(boot.disk)
+    if len(config.networks):
+        raise errors.Unsupported("networks are not supported by this vm service yet")
+    if len(config.drives):
+        raise errors.Unsupported("drives are not supported by this vm service yet")
+    if len(config.serialPorts) > MAX_SERIAL_PORTS:
+        raise errors.InvalidArgument(f"at most {MAX_SERIAL_PORTS} serial ports")
+    for port in config.serialPorts:
+        plan.serials.append(SerialPlan(virtio=str(port.driver) == "virtio", name=str(port.name),
+                                       nowait=bool(port.nowait), stream=_cap(port, "stream")))
+    return plan
+
+
+class VMHost:
+    """The VMs of this service, the accelerator they get, and what they share."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.accel = accel_mod.Accelerator("tcg", "not probed yet")
+        self.vms: dict[str, VirtualMachine] = {}
+        self.streams = StreamHost(ctx.env.node_address, ctx=ctx)
+        self.tasks = TaskSet()
+        self.base_dir = os.path.join(ctx.env.runtime_dir, "vm")
+        self._probe: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # QEMUs of an earlier run were reaped by the supervisor; their directories go too.
+        if os.path.isdir(self.base_dir):
+            for entry in os.listdir(self.base_dir):
+                shutil.rmtree(os.path.join(self.base_dir, entry), ignore_errors=True)
+        os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
+        # The probe may boot a test guest: it runs in the background, so the node is
+        # ready at once; the first launch waits for it.
+        self._probe = self.tasks.spawn(self._choose_accel(), "accelerator probe")
+
+    async def _choose_accel(self) -> None:
+        self.accel = await accel_mod.choose()
+        log.info("VMs run with %s: %s", self.accel.name, self.accel.detail)
+
+    async def accelerator(self) -> accel_mod.Accelerator:
+        if self._probe is not None:
+            await asyncio.shield(self._probe)
+        return self.accel
+
+    async def launch(self, plan: LaunchPlan, vm_id: str | None = None) -> VirtualMachine:
+        accel = await self.accelerator()
+        vm = VirtualMachine(vm_id or secrets.token_hex(8), plan, accel.name,
+                            host=self.streams, supervisor=self.ctx.supervisor,
+                            tasks=self.tasks, base_dir=self.base_dir)
+        self.vms[vm.id] = vm
+        vm.on_stopped = self._stopped
+        try:
+            await vm.start()
+        except BaseException:
+            self.vms.pop(vm.id, None)
+            raise
+        return vm
+
+    def _stopped(self, vm: VirtualMachine) -> None:
+        if self.vms.get(vm.id) is vm:
+            del self.vms[vm.id]
+        self.tasks.spawn(self._forget(vm), f"forget refs of vm {vm.id}", log_errors=True)
+
+    async def _forget(self, vm: VirtualMachine) -> None:
+        # A stopped VM's refs would only answer NotFound: revoke them.
+        await self.ctx.forget(f"vm:{vm.id}")
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(vm.stop() for vm in list(self.vms.values())),
+                             return_exceptions=True)
+        await self.tasks.aclose()
+        await self.streams.aclose()
+
+
+class Lease:
+    """Keeps a VM running while the server object holding it exists."""
+
+    def __init__(self, vm: VirtualMachine) -> None:
+        self.vm = vm
+        vm.leases += 1
+
+    def __del__(self) -> None:
+        vm = self.vm
+        vm.leases -= 1
+        if vm.leases <= 0:
+            try:
+                vm.schedule_stop("its last capability was dropped")
+            except RuntimeError:
+                pass  # event loop already closed (service exit stops every VM)
+
+
+class VMServer(PersistableMixin, vm_schema.VM.Server):
+    def __init__(self, ctx: ServiceContext, vm: VirtualMachine) -> None:
+        self._ctx = ctx
+        self._vm = vm
+        self._lease = Lease(vm)
+        self._runtime_id = f"vm:{vm.id}"
+
+    def _describe(self) -> Description:
+        return Description("vm", {"id": self._vm.id})
+
+    async def serialPort(self, index: int, _context: Any, **kwargs: Any) -> None:
+        _context.results.stream = self._vm.serial_stream(index)
+
+    async def network(self, index: int, _context: Any, **kwargs: Any) -> None:
+        raise errors.NotFound(f"the VM has no network {index}")
+
+    async def destroy(self, **kwargs: Any) -> None:
+        await self._vm.stop()
+
+    async def wait(self, **kwargs: Any) -> None:
+        await self._vm.wait()
+
+
+class LauncherServer(PersistableMixin, vm_schema.VMLauncher.Server):
+    def __init__(self, ctx: ServiceContext, host: VMHost) -> None:
+        self._ctx = ctx
+        self._host = host
+
+    def _describe(self) -> Description:
+        return Description("launcher", {})
+
+    async def launch(self, config: Any, _context: Any, **kwargs: Any) -> None:
+        vm = await self._host.launch(parse_config(config))
+        _context.results.vm = VMServer(self._ctx, vm)
+
+
+class VMAdminServer(Servant, vm_schema.VMServiceAdmin.Server):
+    def __init__(self, ctx: ServiceContext, host: VMHost) -> None:
+        self._ctx = ctx
+        self._host = host
+
+    async def getLauncher(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.launcher = LauncherServer(self._ctx, self._host)
+
+    async def listVMs(self, _context: Any, **kwargs: Any) -> None:
+        vms = list(self._host.vms.values())
+        out = _context.results.init("vms", len(vms))
+        for item, vm in zip(out, vms, strict=True):
+            item.pid = vm.pid
+            item.memory = vm.plan.memory_mib
+            item.vcpu = vm.plan.vcpus
+            item.running = vm.running
+            item.vm = VMServer(self._ctx, vm)
+            item.id = vm.id
+            item.accel = vm.accel
+            item.started = vm.started
+            item.state = vm.state
+
+    async def accelerator(self, _context: Any, **kwargs: Any) -> None:
+        accel = await self._host.accelerator()
+        _context.results.name = accel.name
+        _context.results.detail = accel.detail
+
+
+class VMService(ServiceDefinition):
+    """Virtual machines (VMLauncher) on this node."""
+
+    name = "vm"
+    _hosts: dict[int, VMHost] = {}
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.host = VMHost(ctx)
+        VMService._hosts[id(ctx)] = self.host
+        self.restorers = {  # type: ignore[misc]
+            "launcher": self._restore_launcher,
+            "vm": self._restore_vm,
+            SERIAL_CATEGORY: self._restore_serial,
+        }
+
+    def admin(self) -> Any:
+        return VMAdminServer(self.ctx, self.host)
+
+    async def start(self) -> None:
+        await self.host.start()
+
+    async def _restore_launcher(self, ctx: ServiceContext, data: dict[str, Any],
+                                caps: list[Any]) -> Any:
+        return LauncherServer(ctx, self.host)
+
+    async def _restore_vm(self, ctx: ServiceContext, data: dict[str, Any],
+                          caps: list[Any]) -> Any:
+        vm = self.host.vms.get(str(data.get("id", "")))
+        if vm is None:
+            raise errors.NotFound("the VM no longer exists")
+        return VMServer(ctx, vm)
+
+    async def _restore_serial(self, ctx: ServiceContext, data: dict[str, Any],
+                              caps: list[Any]) -> Any:
+        vm = self.host.vms.get(str(data.get("vm", "")))
+        if vm is None:
+            raise errors.NotFound("the VM no longer exists")
+        return vm.serial_stream(int(data.get("port", -1)))
+
+    async def aclose(self) -> None:
+        # VMs must not outlive the service: finish even if cancelled (SIGTERM).
+        task = asyncio.get_running_loop().create_task(self.host.aclose(), name="vm aclose")
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+        finally:
+            VMService._hosts.pop(id(self.ctx), None)
+
+
+def main() -> None:
+    run_service(VMService)

@@ -1,0 +1,219 @@
+"""`metac vm` end to end: three namespaced nodes, one QEMU guest (TCG) on node C.
+
+The kernel (Debian's, unpacked by scripts/guest-kernel.sh) and a small busybox
+initrd are `file export` refs of node A; serial port 0 is a stream held by node B
+(a TCP endpoint of B's, behind `stream export`); serial port 1 is a new stream
+that `metac vm console` reaches. Boots are slow under TCG and the machine is
+shared: one boot serves every check of a test, and the timeouts are generous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metac.testing.guest import GuestUnavailable, find_kernel
+from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
+from metac.vm.initrd import build_initrd
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
+
+BOOT_TIMEOUT = 300.0
+CMDLINE = "console=ttyS0 panic=-1 quiet rdinit=/init"
+SERIAL_PORT = 7777
+
+# The guest: marker A on ttyS0 (B's stream), marker B on ttyS1 (the new stream) until a
+# line arrives on ttyS0, then that line back on ttyS0; it then idles until destroyed.
+GUEST_INIT = textwrap.dedent(r"""
+    #!/bin/busybox sh
+    /bin/busybox --install -s /bin
+    export PATH=/bin
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+    exec 3<>/dev/ttyS0
+    echo "METAC-MARKER-A $(uname -r)" >&3
+    while :; do
+        echo METAC-MARKER-B >/dev/ttyS1
+        if read -t 1 line <&3; then break; fi
+    done
+    echo "GOT:$line" >&3
+    while :; do sleep 60; done
+""").lstrip()
+
+# Runs on B: accepts one connection on SERIAL_PORT (B's loopback), prints what arrives
+# (flushed) and sends each line of its stdin.
+SERIAL_PEER = textwrap.dedent("""
+    import socket, sys, threading
+    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    print("listening", flush=True)
+    conn, _ = srv.accept()
+    print("connected", flush=True)
+    def send():
+        for line in sys.stdin:
+            conn.sendall(line.encode())
+    threading.Thread(target=send, daemon=True).start()
+    while data := conn.recv(65536):
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
+    print("\\nEOF-FROM-VM", flush=True)
+""")
+
+
+class LineReader:
+    """Lines of a process's stdout, collected by a thread; ``wait_for`` a substring."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} did not arrive within {timeout:g} s; got:\n"
+                                     f"{self.seen[-3000:]}")
+            try:
+                self.seen += self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                pass
+        return self.seen
+
+
+@pytest.fixture(scope="module")
+def boot_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    try:
+        kernel = find_kernel()
+    except GuestUnavailable as exc:
+        pytest.fail(f"the guest kernel is missing: {exc}")
+    directory = tmp_path_factory.mktemp("vmboot")
+    os.chmod(directory, 0o755)
+    initrd = directory / "initrd.gz"
+    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), GUEST_INIT))
+    return kernel.vmlinuz, initrd
+
+
+@pytest.fixture
+def serial_peer(nodes_factory: Any) -> Iterator[tuple[list[NodeHost], subprocess.Popen[str],
+                                                      LineReader]]:
+    nodes = nodes_factory(3)
+    b = nodes[1]
+    peer = b.host.popen([sys.executable, "-c", SERIAL_PEER, str(SERIAL_PORT)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                        start_new_session=True)
+    try:
+        reader = LineReader(peer)
+        reader.wait_for("listening", 30)
+        yield nodes, peer, reader
+    finally:
+        peer.kill()
+        peer.wait(10)
+
+
+def _vm_logs(node: NodeHost) -> str:
+    """The vm service's and QEMU's logs of ``node`` (for failure messages)."""
+    parts = [node.metac("vm", "ls", "--json", check=False).stdout]
+    for path in sorted((node.state_dir / "logs").glob("vm.*")) + sorted(
+            (node.state_dir / "logs").glob("node.service-vm*")):
+        parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts)
+
+
+def _vm_rows(node: NodeHost) -> dict[str, Any]:
+    return json.loads(node.metac("vm", "ls", "--json").stdout)
+
+
+@pytest.mark.timeout(900)
+def test_vm_boots_remote_kernel_serial_on_another_node(boot_files, serial_peer) -> None:
+    kernel, initrd = boot_files
+    (a, b, c), peer, peer_out = serial_peer
+    kernel_ref = a.metac("file", "export", "--read-only", f"local:{kernel}").stdout.strip()
+    initrd_ref = a.metac("file", "export", f"local:{initrd}").stdout.strip()
+    stream_ref = b.metac("stream", "export", f"tcp:127.0.0.1:{SERIAL_PORT}").stdout.strip()
+    before = snapshot(a, b, c)
+    vm_dir = c.runtime_dir / "vm"
+
+    vm_ref = c.metac("vm", "launch", "-m", "256", "--kernel", kernel_ref, "--initrd", initrd_ref,
+                     "--cmdline", CMDLINE, "--serial", stream_ref, "--serial", "new",
+                     timeout=120).stdout.strip()
+    assert vm_ref.startswith("ref://")
+
+    # ttyS0 is B's stream: the guest's first line arrives on B.
+    try:
+        peer_out.wait_for("METAC-MARKER-A", BOOT_TIMEOUT)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_vm_logs(c)}") from None
+    listing = _vm_rows(c)
+    assert listing["accelerator"] in ("kvm", "tcg") and listing["detail"]
+    (row,) = listing["vms"]
+    assert row["state"] == "running" and row["memory"] == 256 and row["vcpus"] == 1
+    assert row["pid"] > 0 and row["accel"] == listing["accelerator"]
+    # The QEMU process runs as the node's child, and its sockets live in a 0700 directory.
+    assert row["pid"] in c.pids()
+    (private,) = list(vm_dir.iterdir())
+    assert (private.stat().st_mode & 0o777) == 0o700
+
+    # ttyS1 is a new stream: `metac vm console --port 1` (from node A) shows its output.
+    console = a.popen("vm", "console", "--port", "1", vm_ref)
+    try:
+        LineReader(console).wait_for("METAC-MARKER-B", 120)
+    finally:
+        console.terminate()
+        console.wait(30)
+
+    # Input from B reaches the guest, which answers on B's stream.
+    assert peer.stdin is not None
+    peer.stdin.write("hello-from-b\n")
+    peer.stdin.flush()
+    peer_out.wait_for("GOT:hello-from-b", 120)
+
+    # The serial port's stream can be passed on as a ref.
+    port_ref = c.metac("vm", "serial", "--port", "1", vm_ref).stdout.strip()
+    assert port_ref.startswith("ref://")
+
+    c.metac("vm", "destroy", vm_ref, timeout=60)
+    assert _vm_rows(c)["vms"] == []
+    peer_out.wait_for("EOF-FROM-VM", 30)  # the serial port's connection to B closed
+    assert list(vm_dir.iterdir()) == []
+    gone = c.metac("vm", "destroy", vm_ref, check=False)
+    assert gone.returncode != 0 and "metac: " in gone.stderr
+    assert_no_leaks(before, snapshot(a, b, c))
+
+
+def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
+    kernel, initrd = boot_files
+    (c,) = nodes_factory(1)
+    before = snapshot(c)
+    small = c.metac("vm", "launch", "-m", "8", "--kernel", f"local:{kernel}", check=False)
+    assert small.returncode != 0
+    assert small.stderr.strip().count("\n") == 0
+    assert "too little" in small.stderr and "Traceback" not in small.stderr
+    bad = c.metac("vm", "launch", "--kernel", "ref://nonsense", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("metac: InvalidArgument")
+    missing = c.metac("vm", "launch", "--kernel", "local:/nonexistent/vmlinuz", check=False)
+    assert missing.returncode != 0 and missing.stderr.strip().count("\n") == 0
+    nokernel = c.metac("vm", "launch", check=False)
+    assert nokernel.returncode != 0 and "--kernel" in nokernel.stderr
+    assert _vm_rows(c)["vms"] == []
+    assert list((c.runtime_dir / "vm").iterdir()) == []
+    assert_no_leaks(before, snapshot(c))
