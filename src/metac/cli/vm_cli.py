@@ -76,13 +76,13 @@ def register(sub: Any) -> None:
     co.set_defaults(func=console)
 
     se = s.add_parser("serial", help="print a ref to a VM's serial port stream")
-    se.add_argument("vm", metavar="VM-URI")
+    se.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
     se.add_argument("--port", type=int, default=0, help="serial port (default 0)")
     se.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
     se.set_defaults(func=serial)
 
     de = s.add_parser("destroy", help="stop a VM and release everything it used")
-    de.add_argument("vm", metavar="VM-URI")
+    de.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
     de.set_defaults(func=destroy)
 
 
