@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from metac.testing.guest import GuestUnavailable, find_kernel
+from metac.testing.guest import GuestUnavailable, find_kernel, module_closure
 from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
 from metac.vm.initrd import build_initrd
 
@@ -33,8 +33,13 @@ BOOT_TIMEOUT = 300.0
 CMDLINE = "console=ttyS0 panic=-1 quiet rdinit=/init"
 SERIAL_PORT = 7777
 
-# The guest: marker A on ttyS0 (B's stream), marker B on ttyS1 (the new stream) until a
-# line arrives on ttyS0, then that line back on ttyS0; it then idles until destroyed.
+# Modules the guest loads (with their dependencies) for its virtio disks and ext4.
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+
+# The guest: marker A on ttyS0 (B's stream); drive 0 (read-write, an image of A's) mounted,
+# its marker printed, a file written; drive 1 (read-only) checked; marker B on ttyS1 (the
+# new stream) until a line arrives on ttyS0, then that line back on ttyS0; it then idles
+# until destroyed.
 GUEST_INIT = textwrap.dedent(r"""
     #!/bin/busybox sh
     /bin/busybox --install -s /bin
@@ -42,8 +47,25 @@ GUEST_INIT = textwrap.dedent(r"""
     mount -t proc proc /proc
     mount -t sysfs sysfs /sys
     mount -t devtmpfs devtmpfs /dev
+    for m in $(cat /modules/load-order); do insmod "/modules/$m"; done
     exec 3<>/dev/ttyS0
     echo "METAC-MARKER-A $(uname -r)" >&3
+    mkdir -p /mnt/rw /mnt/ro
+    if mount -t ext4 /dev/vda /mnt/rw; then
+        echo "DISK0:$(cat /mnt/rw/marker.txt)" >&3
+        echo written-by-the-guest >/mnt/rw/from-guest.txt
+        sync
+        umount /mnt/rw && echo "DISK0-DONE" >&3
+    else
+        echo "DISK0-MOUNT-FAILED" >&3
+    fi
+    echo "DISK1-RO:$(cat /sys/block/vdb/ro)" >&3
+    mount -t ext4 -o ro /dev/vdb /mnt/ro && echo "DISK1:$(cat /mnt/ro/marker.txt)" >&3
+    if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then
+        echo "DISK1-WRITE-WORKED" >&3
+    else
+        echo "DISK1-WRITE-REFUSED" >&3
+    fi
     while :; do
         echo METAC-MARKER-B >/dev/ttyS1
         if read -t 1 line <&3; then break; fi
@@ -108,8 +130,26 @@ def boot_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("vmboot")
     os.chmod(directory, 0o755)
     initrd = directory / "initrd.gz"
-    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), GUEST_INIT))
+    modules = [(os.path.basename(rel), (kernel.modules_dir / rel).read_bytes())
+               for rel in module_closure(kernel.modules_dir, GUEST_MODULES)]
+    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), GUEST_INIT, modules))
     return kernel.vmlinuz, initrd
+
+
+def _ext4_image(path: Path, marker: str) -> None:
+    content = path.parent / f"{path.name}.d"
+    content.mkdir()
+    (content / "marker.txt").write_text(marker + "\n")
+    with open(path, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(path)], check=True,
+                   timeout=120)
+
+
+def _debugfs_cat(image: Path, name: str) -> str:
+    out = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout
 
 
 @pytest.fixture
@@ -143,17 +183,24 @@ def _vm_rows(node: NodeHost) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(900)
-def test_vm_boots_remote_kernel_serial_on_another_node(boot_files, serial_peer) -> None:
+def test_vm_remote_kernel_drives_and_serial_ports(boot_files, serial_peer,
+                                                 tmp_path: Path) -> None:
     kernel, initrd = boot_files
     (a, b, c), peer, peer_out = serial_peer
     kernel_ref = a.metac("file", "export", "--read-only", f"local:{kernel}").stdout.strip()
     initrd_ref = a.metac("file", "export", f"local:{initrd}").stdout.strip()
+    disk, ro_disk = tmp_path / "disk.img", tmp_path / "ro.img"
+    _ext4_image(disk, "marker-of-a-writable-disk")
+    _ext4_image(ro_disk, "marker-of-a-read-only-disk")
+    disk_ref = a.metac("block", "export", f"local:{disk}").stdout.strip()
+    ro_ref = a.metac("block", "export", "--read-only", f"local:{ro_disk}").stdout.strip()
     stream_ref = b.metac("stream", "export", f"tcp:127.0.0.1:{SERIAL_PORT}").stdout.strip()
     before = snapshot(a, b, c)
     vm_dir = c.runtime_dir / "vm"
 
     vm_ref = c.metac("vm", "launch", "-m", "256", "--kernel", kernel_ref, "--initrd", initrd_ref,
                      "--cmdline", CMDLINE, "--serial", stream_ref, "--serial", "new",
+                     "--drive", disk_ref, "--drive", f"{ro_ref},driver=virtio",
                      timeout=120).stdout.strip()
     assert vm_ref.startswith("ref://")
 
@@ -186,6 +233,13 @@ def test_vm_boots_remote_kernel_serial_on_another_node(boot_files, serial_peer) 
     peer.stdin.flush()
     peer_out.wait_for("GOT:hello-from-b", 120)
 
+    # Drive 0 is A's image through QEMU's NBD client: mounted, read, written. Drive 1 is
+    # read-only in the guest (and its writes refused).
+    seen = peer_out.wait_for("DISK1-WRITE-", 60)
+    assert "DISK0:marker-of-a-writable-disk" in seen and "DISK0-DONE" in seen
+    assert "DISK1-RO:1" in seen and "DISK1:marker-of-a-read-only-disk" in seen
+    assert "DISK1-WRITE-REFUSED" in seen
+
     # The serial port's stream can be passed on as a ref.
     port_ref = c.metac("vm", "serial", "--port", "1", vm_ref).stdout.strip()
     assert port_ref.startswith("ref://")
@@ -197,6 +251,9 @@ def test_vm_boots_remote_kernel_serial_on_another_node(boot_files, serial_peer) 
     gone = c.metac("vm", "destroy", vm_ref, check=False)
     assert gone.returncode != 0 and "metac: " in gone.stderr
     assert_no_leaks(before, snapshot(a, b, c))
+    # What the guest wrote is in A's image.
+    assert _debugfs_cat(disk, "from-guest.txt") == "written-by-the-guest\n"
+    assert _debugfs_cat(ro_disk, "from-guest.txt") == ""
 
 
 def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:

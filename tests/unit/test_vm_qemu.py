@@ -98,3 +98,27 @@ def test_initrd_is_a_gzipped_newc_cpio() -> None:
                  b"dev/console\0", b"TRAILER!!!\0"):
         assert name in data
     assert b"#!/bin/sh\necho hi\n" in data and b"a.ko\n" in data
+
+
+def test_drives_are_qemu_nbd_clients_on_given_sockets() -> None:
+    spec = _spec(drives=[qemu.DriveSpec(nbd_fd=11), qemu.DriveSpec(nbd_fd=12, ide=True,
+                                                                   read_only=True)])
+    argv = qemu.qemu_argv("qemu", spec)
+    nodes = _option(argv, "-blockdev")
+    assert nodes[0] == ("driver=raw,node-name=disk0,read-only=off,file.driver=nbd,"
+                        "file.read-only=off,file.server.type=fd,file.server.str=11")
+    assert "read-only=on" in nodes[1] and "file.read-only=on" in nodes[1]
+    devices = _option(argv, "-device")
+    assert devices[0].startswith("virtio-blk-pci,drive=disk0")
+    assert devices[1].startswith("ide-hd,drive=disk1")
+    assert all("werror=report,rerror=report" in d for d in devices)
+    assert qemu.fds_of(spec) == [5, 6, 11, 12]
+
+
+def test_boot_disk_gets_the_first_boot_index() -> None:
+    spec = _spec(kernel=None, boot_disk=1,
+                 drives=[qemu.DriveSpec(nbd_fd=11), qemu.DriveSpec(nbd_fd=12)])
+    devices = _option(qemu.qemu_argv("qemu", spec), "-device")
+    assert "bootindex" not in devices[0] and ",bootindex=0" in devices[1]
+    with pytest.raises(qemu.SpecError):
+        qemu.check(_spec(kernel=None, boot_disk=2, drives=[qemu.DriveSpec(nbd_fd=11)]))

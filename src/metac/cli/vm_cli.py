@@ -57,6 +57,10 @@ def register(sub: Any) -> None:
     la.add_argument("--cmdline", default="", help="kernel command line")
     la.add_argument("--boot-disk", type=int, default=None, metavar="N",
                     help="boot drive N with the BIOS instead of a kernel")
+    la.add_argument("--drive", action="append", default=[],
+                    metavar="BLOCK-URI[,driver=virtio|ide][,ro]",
+                    help="a disk: a block device ref (`metac block export`) or local:PATH of an "
+                         "image; ro attaches it read-only; repeatable, drive 0 first")
     la.add_argument("--serial", action="append", default=[], metavar="STREAM-URI|new",
                     help="a serial port: a stream ref, or new (reach it later with `metac vm "
                          "console`); repeatable, the first is ttyS0")
@@ -110,9 +114,9 @@ async def export(args: argparse.Namespace) -> int:
 def _check_launch(args: argparse.Namespace) -> None:
     if (args.kernel is None) == (args.boot_disk is None):
         raise errors.InvalidArgument("give --kernel FILE-URI or --boot-disk N (one of them)")
-    if args.boot_disk is not None:
-        raise errors.Unsupported("--boot-disk needs drives, which this version does not "
-                                 "support yet")
+    if args.boot_disk is not None and not 0 <= args.boot_disk < len(args.drive):
+        raise errors.InvalidArgument(f"--boot-disk {args.boot_disk}: there are "
+                                     f"{len(args.drive)} --drive options")
     if args.initrd and not args.kernel:
         raise errors.InvalidArgument("--initrd needs --kernel")
     if args.memory <= 0 or args.vcpus <= 0:
@@ -136,11 +140,23 @@ async def launch(args: argparse.Namespace) -> int:
         config = schema.vm.LaunchConfiguration.new_message()
         config.memory = args.memory
         config.vcpu = args.vcpus
-        kb = config.boot.init("kernel")
-        kb.kernel, _ = await res.resolve(args.kernel, schema.fs.File)
-        if args.initrd:
-            kb.initrd, _ = await res.resolve(args.initrd, schema.fs.File)
-        kb.cmdline = args.cmdline
+        if args.boot_disk is not None:
+            config.boot.disk = args.boot_disk
+        else:
+            kb = config.boot.init("kernel")
+            kb.kernel, _ = await res.resolve(args.kernel, schema.fs.File)
+            if args.initrd:
+                kb.initrd, _ = await res.resolve(args.initrd, schema.fs.File)
+            kb.cmdline = args.cmdline
+        drives = [parse_drive(text) for text in args.drive]
+        drive_list = config.init("drives", len(drives))
+        for item, (uri, driver, read_only) in zip(drive_list, drives, strict=True):
+            device, _ = await res.resolve(uri, schema.fs.BlockDevice)
+            if read_only:
+                async with rpc_errors():
+                    device = (await device.readOnly()).device
+            item.device = device
+            item.driver = driver
         ports = config.init("serialPorts", len(serials))
         for i, (port, text) in enumerate(zip(ports, serials, strict=True)):
             if text == "new":
@@ -157,6 +173,25 @@ async def launch(args: argparse.Namespace) -> int:
                 stream = (await vm.serialPort(0)).stream
             await _attach(stream, address, vm)
     return 0
+
+
+def parse_drive(text: str) -> tuple[str, str, bool]:
+    """``URI[,driver=virtio|ide][,ro]`` -> (uri, driver, read_only)."""
+    parts = text.split(",")
+    driver, read_only = "virtio", False
+    while len(parts) > 1:
+        last = parts[-1]
+        if last.startswith("driver="):
+            driver = last.partition("=")[2]
+            if driver not in ("virtio", "ide"):
+                raise errors.InvalidArgument(f"--drive driver must be virtio or ide, not "
+                                             f"{driver[:20]!r}")
+        elif last in ("ro", "readonly", "read-only"):
+            read_only = True
+        else:
+            break
+        parts.pop()
+    return ",".join(parts), driver, read_only
 
 
 async def list_vms(args: argparse.Namespace) -> int:

@@ -51,6 +51,12 @@ class SerialPlan:
 
 
 @dataclass
+class DrivePlan:
+    device: Any  # a BlockDevice capability
+    ide: bool = False
+
+
+@dataclass
 class LaunchPlan:
     """What to launch, capabilities included (parsed from a LaunchConfiguration)."""
 
@@ -61,6 +67,7 @@ class LaunchPlan:
     cmdline: str = ""
     boot_disk: int | None = None
     serials: list[SerialPlan] = field(default_factory=list)
+    drives: list[DrivePlan] = field(default_factory=list)
 
 
 async def read_boot_file(host: StreamHost, file: Any, what: str) -> int:
@@ -114,6 +121,7 @@ class VirtualMachine:
         self.started = 0.0
         self.child: Child | None = None
         self.serial_streams: list[Any] = []
+        self.drive_read_only: list[bool] = []
         self.persistent = False
         self.leases = 0
         self.on_stopped: Callable[[VirtualMachine], None] | None = None
@@ -163,10 +171,11 @@ class VirtualMachine:
                     ifd = keep_fd(await read_boot_file(self.host, plan.initrd, "initrd"))
                 kernel = qemu.KernelBoot(kfd, ifd, plan.cmdline)
             serials = [await self._serial(i, s) for i, s in enumerate(plan.serials)]
+            drives = [await self._drive(i, d) for i, d in enumerate(plan.drives)]
             spec = qemu.MachineSpec(
                 accel=self.accel, memory_mib=plan.memory_mib, vcpus=plan.vcpus,
                 qmp_socket=os.path.join(self.dir, "qmp.sock"), kernel=kernel,
-                boot_disk=plan.boot_disk, serials=serials)
+                boot_disk=plan.boot_disk, serials=serials, drives=drives)
             try:
                 argv = qemu.qemu_argv(binary, spec)
             except qemu.SpecError as exc:
@@ -202,6 +211,17 @@ class VirtualMachine:
         self.serial_streams.append(server)
         return qemu.SerialSpec(listen_path=path, virtio=plan.virtio, name=plan.name,
                                nowait=plan.nowait)
+
+    async def _drive(self, index: int, plan: DrivePlan) -> qemu.DriveSpec:
+        """The device's NBD stream, opened here; QEMU's NBD client gets the socket."""
+        what = f"the block device of drive {index}"
+        info = (await bounded(plan.device.info(), what)).info
+        stream = (await bounded(plan.device.nbdSetup(), what)).stream
+        opened = await self.host.open_remote(stream, what=f"the NBD stream of drive {index}")
+        self._revert.add(opened.aclose, f"close drive {index}")
+        self.drive_read_only.append(bool(info.readOnly))
+        return qemu.DriveSpec(nbd_fd=opened.sock.fileno(), ide=plan.ide,
+                              read_only=bool(info.readOnly))
 
     async def _wait_started(self, child: Child, qmp_socket: str) -> None:
         loop = asyncio.get_running_loop()

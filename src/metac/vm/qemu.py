@@ -41,12 +41,12 @@ class SerialSpec:
 
 @dataclass(frozen=True)
 class DriveSpec:
-    """One drive: an NBD export QEMU reaches through a unix socket (its own NBD client)."""
+    """One drive: QEMU's own NBD client on a connected socket it gets as ``fd`` (the
+    block device's authorized NBD stream, handshake not done yet)."""
 
-    nbd_socket: str
+    nbd_fd: int
     ide: bool = False
     read_only: bool = False
-    export: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,6 @@ def check(spec: MachineSpec) -> None:
             raise SpecError(f"bad serial port name {s.name!r}")
         if s.listen_path is not None and "," in s.listen_path:
             raise SpecError("socket paths may not contain a comma")
-    for d in spec.drives:
-        if "," in d.nbd_socket or "," in d.export:
-            raise SpecError("drive socket paths and export names may not contain a comma")
     if len([s for s in spec.serials if not s.virtio]) > 4:
         raise SpecError("at most 4 default (ISA) serial ports; use the virtio driver for more")
 
@@ -142,16 +139,19 @@ def qemu_argv(qemu: str, spec: MachineSpec) -> list[str]:
         else:
             argv += ["-serial", f"chardev:serial{i}"]
     for i, d in enumerate(spec.drives):
-        export = f",export={d.export}" if d.export else ""
-        node = (f"driver=raw,node-name=disk{i},read-only={'on' if d.read_only else 'off'},"
-                f"file.driver=nbd,file.server.type=unix,"
-                f"file.server.path={_escape(d.nbd_socket)}{export}")
+        ro = "on" if d.read_only else "off"
+        # Both nodes read-only for a read-only device: QEMU refuses guest writes
+        # itself, before the NBD server (which refuses them too).
+        node = (f"driver=raw,node-name=disk{i},read-only={ro},file.driver=nbd,"
+                f"file.read-only={ro},file.server.type=fd,file.server.str={d.nbd_fd}")
         argv += ["-blockdev", node]
         boot = ",bootindex=0" if spec.boot_disk == i else ""
+        # A lost connection is an I/O error in the guest, never a paused or killed VM.
+        errors_to_guest = ",werror=report,rerror=report"
         if d.ide:
-            argv += ["-device", f"ide-hd,drive=disk{i}{boot}"]
+            argv += ["-device", f"ide-hd,drive=disk{i}{boot}{errors_to_guest}"]
         else:
-            argv += ["-device", f"virtio-blk-pci,drive=disk{i}{boot}"]
+            argv += ["-device", f"virtio-blk-pci,drive=disk{i}{boot}{errors_to_guest}"]
     for i, n in enumerate(spec.nics):
         argv += ["-netdev", f"tap,id=net{i},fd={n.tap_fd}"]
         mac = f",mac={n.mac}" if n.mac else ""
@@ -168,6 +168,7 @@ def fds_of(spec: MachineSpec) -> list[int]:
         if spec.kernel.initrd_fd is not None:
             fds.append(spec.kernel.initrd_fd)
     fds += [s.fd for s in spec.serials if s.fd is not None]
+    fds += [d.nbd_fd for d in spec.drives]
     fds += [n.tap_fd for n in spec.nics]
     return fds
 

@@ -29,11 +29,12 @@ from metac.core.tasks import TaskSet
 from metac.schema.load import vm as vm_schema
 from metac.vm import accel as accel_mod
 from metac.vm import qemu
-from metac.vm.machine import SERIAL_CATEGORY, LaunchPlan, SerialPlan, VirtualMachine
+from metac.vm.machine import SERIAL_CATEGORY, DrivePlan, LaunchPlan, SerialPlan, VirtualMachine
 
 log = logging.getLogger(__name__)
 
 MAX_SERIAL_PORTS = 16
+MAX_DRIVES = 16
 DEFAULT_MEMORY_MIB = 512
 
 
@@ -63,8 +64,16 @@ def parse_config(config: Any) -> LaunchPlan:
         plan.boot_disk = int(boot.disk)
     if len(config.networks):
         raise errors.Unsupported("networks are not supported by this vm service yet")
-    if len(config.drives):
-        raise errors.Unsupported("drives are not supported by this vm service yet")
+    if len(config.drives) > MAX_DRIVES:
+        raise errors.InvalidArgument(f"at most {MAX_DRIVES} drives")
+    for i, drive in enumerate(config.drives):
+        device = _cap(drive, "device")
+        if device is None:
+            raise errors.InvalidArgument(f"drives[{i}].device is missing")
+        plan.drives.append(DrivePlan(device, ide=str(drive.driver) == "ide"))
+    if plan.boot_disk is not None and not 0 <= plan.boot_disk < len(plan.drives):
+        raise errors.InvalidArgument(f"boot disk {plan.boot_disk} is not one of the "
+                                     f"{len(plan.drives)} drives")
     if len(config.serialPorts) > MAX_SERIAL_PORTS:
         raise errors.InvalidArgument(f"at most {MAX_SERIAL_PORTS} serial ports")
     for port in config.serialPorts:
