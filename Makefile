@@ -2,7 +2,11 @@
 # `setup` (scripts/install-deps.sh): idempotent, and fast when nothing changed.
 #
 #   make run  [NODE_ARGS=...]     install everything, run a node in the foreground
-#   make test [PYTEST_ARGS=...]   install everything, lint, run the test suite
+#   make test [PYTEST_ARGS=...] [TESTS=...]
+#                                 install everything, lint, run the test suite (or the
+#                                 paths named in PYTEST_ARGS or TESTS; default: tests)
+#   make guest-kernel             fetch the QEMU guest tests' kernel now (they otherwise
+#                                 fetch it when first run; the node never needs it)
 #   make lint | bench | clean | install-unit [NODE_ARGS=...]
 
 SHELL := /bin/bash
@@ -13,17 +17,20 @@ VENV        := $(CURDIR)/.venv
 PY          := $(VENV)/bin/python
 NODE_ARGS   ?=
 PYTEST_ARGS ?=
+# The test paths to run. Empty: `tests`, unless a word of PYTEST_ARGS is an existing
+# file or directory (tests/unit, tests/unit/test_refs.py::test_parse), which then narrows the run.
+TESTS       ?=
 UNIT_DIR    ?= /etc/systemd/system
 UNIT        := metac-node.service
 # bench/ (or tests/) may not exist in a fresh clone: git keeps no empty folders.
 LINT_PATHS  := $(wildcard src tests bench)
 
-.PHONY: help setup run test lint bench clean install-unit
+.PHONY: help setup run test lint bench clean install-unit guest-kernel
 
 help:
-	@echo "targets: setup run test lint bench clean install-unit"
+	@echo "targets: setup run test lint bench clean install-unit guest-kernel"
 	@echo "  make run NODE_ARGS='...'      run 'metac node run' in the foreground"
-	@echo "  make test PYTEST_ARGS='...'   ruff + pytest"
+	@echo "  make test PYTEST_ARGS='...'   ruff + pytest (a path in PYTEST_ARGS, or TESTS=PATHS, narrows the run)"
 
 setup:
 	bash scripts/install-deps.sh
@@ -37,7 +44,14 @@ lint: setup
 # pytest exit 5 means "no tests collected": reported loudly but not a failure.
 # Any other non-zero status fails the target (and so `make test`).
 test: lint
-	rc=0; $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests || rc=$$?; \
+	set -- $(PYTEST_ARGS); paths='$(TESTS)'; \
+	if [ -z "$$paths" ]; then \
+		paths=tests; \
+		for a in "$$@"; do \
+			case "$$a" in -*) ;; *) if [ -e "$${a%%::*}" ]; then paths=; fi ;; esac; \
+		done; \
+	fi; \
+	rc=0; $(PY) -m pytest -q -rs "$$@" $$paths || rc=$$?; \
 	if [ "$$rc" -eq 5 ]; then echo "WARNING: pytest collected no tests"; exit 0; fi; \
 	exit "$$rc"
 
@@ -45,6 +59,9 @@ bench: setup
 	shopt -s nullglob; scripts=(bench/bench_*.py); \
 	if [ "$${#scripts[@]}" -eq 0 ]; then echo "bench: no bench/*.py scripts"; exit 0; fi; \
 	for s in "$${scripts[@]}"; do echo "== $$s"; $(PY) "$$s"; done
+
+guest-kernel:
+	bash scripts/guest-kernel.sh
 
 clean:
 	rm -rf .venv build .pytest_cache .ruff_cache .hypothesis

@@ -147,7 +147,7 @@ def bench_api(node: Node, root: Path, n: int, warmup: int) -> list[float]:
             cadmin = await api.service_admin(admin, "compute", compute.ComputeServiceAdmin)
             fs_admin = await api.service_admin(admin, "fs", fs.FilesystemServiceAdmin)
             launcher = (await cadmin.getLauncher()).launcher
-            root_fs = (await fs_admin.rootNamespace().ns.filesystem().fs
+            root_fs = (await fs_admin.rootNamespace().ns.filesystemPreservingOwners().fs
                        .getSubtree(str(root)[1:])).fs
 
             async def once() -> None:

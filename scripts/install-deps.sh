@@ -53,14 +53,9 @@ if ((${#MISSING[@]})); then
     ((${#STILL[@]} == 0)) || die "Debian packages still not installed: ${STILL[*]}"
 fi
 
-# ---------------------------------------------------------------- guest kernel
-# The Debian kernel (unpacked, not installed) that tests/guest boots in QEMU to run
-# the 9p and NBD kernel clients this host's kernel lacks. Fast when already there.
-if [ "$(id -u)" -eq 0 ]; then
-    bash "$REPO_ROOT/scripts/guest-kernel.sh" || die "scripts/guest-kernel.sh failed"
-else
-    log "not root: skipped scripts/guest-kernel.sh (the QEMU guest tests need it)"
-fi
+# The QEMU guest tests' kernel (scripts/guest-kernel.sh) is not fetched here: the
+# node does not need it, and `make run` must work offline. The guest harness
+# (metac.testing.guest.ensure_kernel) fetches it when a guest test first runs.
 
 # ---------------------------------------------------------------- Python
 py_ok() { # usable interpreter >= 3.11 with the venv module

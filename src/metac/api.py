@@ -24,7 +24,7 @@ from typing import Any
 
 from metac.codec.refs import RefError, SturdyRef
 from metac.core import paths
-from metac.core.client import NodePool, ref_from_struct, ref_to_struct
+from metac.core.client import NodePool, ref_from_struct, ref_to_struct, telling_if_slow
 from metac.core.rpc import connect_tcp, connect_unix, rpc_errors
 from metac.schema import load as schema
 
@@ -58,7 +58,8 @@ async def connect_node(address: str, port: int = 901) -> AsyncIterator[Any]:
 
 
 async def service_admin(admin: Any, name: str, interface: Any) -> Any:
-    """A service's admin interface, from NodeAdmin."""
-    async with rpc_errors():
-        res = await admin.getServiceAdmin(name)
+    """A service's admin interface, from NodeAdmin (which waits for a restarting one)."""
+    with telling_if_slow(f"waiting for the {name} service of this node …"):
+        async with rpc_errors():
+            res = await admin.getServiceAdmin(name)
     return res.service.cast_as(interface)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -98,3 +99,21 @@ def node_pair(nodes_factory: Any, tmp_path: Path) -> Iterator[tuple[NodeHost, No
     finally:
         for dev in our_loops(a, b):
             subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def forward(node: NodeHost, ref: str) -> tuple[subprocess.Popen, int]:
+    proc = node.popen("stream", "forward", ref, "127.0.0.1:0")
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r":(\d+)", line)
+    assert match, f"no port in {line!r}; stderr: {proc.stderr.read() if proc.poll() else ''}"
+    return proc, int(match.group(1))
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

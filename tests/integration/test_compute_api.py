@@ -33,7 +33,8 @@ PRELUDE = textwrap.dedent('''
         admin = await stack.enter_async_context(api.connect_admin())
         cadmin = await api.service_admin(admin, "compute", compute.ComputeServiceAdmin)
         fs_admin = await api.service_admin(admin, "fs", api.schema.fs.FilesystemServiceAdmin)
-        root = (await fs_admin.rootNamespace().ns.filesystem().fs.getSubtree(ROOT[1:])).fs
+        root = (await fs_admin.rootNamespace().ns.filesystemPreservingOwners().fs
+                .getSubtree(ROOT[1:])).fs  # the admin's own root: bind-mounted
         address = (await admin.getUnprivilegedNode().node.address()).address.ip
         return (await cadmin.getLauncher()).launcher, cadmin, root, address
 

@@ -125,6 +125,30 @@ def test_run_local_stdio_exit_code_isolation(nodes_factory, busybox_root, runtim
     wait_clean([a], before)
 
 
+def test_squashed_root_export_runs_but_its_root_is_not_root_on_the_export(
+        nodes_factory, busybox_root) -> None:
+    """A root filesystem exported without --preserve-owners runs a busybox container,
+    even on the node that holds it (served, not bind-mounted), but the container's root
+    plants no setuid file and chowns nothing there; --preserve-owners gives root back."""
+    (a,) = nodes_factory(1)
+    a.track_mount_root(busybox_root.parent)
+    ref = a.metac("fs", "export", f"local:{busybox_root}").stdout.strip()
+    script = ("echo made > /made; chmod 4755 /made || echo suid-refused; "
+              "chown 1234 /made || echo chown-refused; ls -l /made >/dev/null && echo ran")
+    proc = a.metac("run", "--mount", f"/={ref}", "--", "sh", "-c", script, check=False,
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr + service_log(a)
+    assert proc.stdout.split() == ["suid-refused", "chown-refused", "ran"], proc.stdout
+    st = os.stat(busybox_root / "made")
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644)
+    kept = a.metac("fs", "export", "--preserve-owners", f"local:{busybox_root}").stdout.strip()
+    proc = a.metac("run", "--mount", f"/={kept}", "--", "sh", "-c",
+                   "chown 1234 /made && chmod 4755 /made", check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr + service_log(a)
+    st = os.stat(busybox_root / "made")
+    assert (st.st_uid, st.st_mode & 0o7777) == (1234, 0o4755)
+
+
 def test_memory_limit_user_env_cwd(nodes_factory, busybox_root) -> None:
     (a,) = nodes_factory(1)
     before = snapshot(a)
@@ -179,16 +203,46 @@ def test_background_ps_kill(nodes_factory, busybox_root) -> None:
     rows = [line.split() for line in a.metac("ps").stdout.splitlines()[1:]]
     assert len(rows) == 1 and rows[0][2] == "running" and rows[0][-2:] == ["sleep", "300"]
     process_id = rows[0][0]
+    running = a.metac("rm", process_id, check=False)
+    assert running.returncode == 6 and running.stderr.strip().splitlines() == [
+        f"metac: FailedPrecondition: process {process_id} is still running; stop it first "
+        f"with `metac kill {process_id}`"], running.stderr
     a.metac("kill", process_id)
     deadline = time.monotonic() + 10
     while a.metac("ps").stdout.splitlines()[1:] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert a.metac("ps").stdout.split() == ["ID", "PID", "STATUS", "STARTED", "COMMAND"]
     assert json.loads(a.metac("ps", "--json").stdout) == []
-    # The ref still answers (the process ended), and kill by ref is harmless now.
-    a.metac("kill", "-s", "KILL", ref)
-    gone = a.metac("kill", process_id, check=False)
-    assert gone.returncode == 3 and "no running process" in gone.stderr
+    # `ps -a` keeps it, with its exit status, until `metac rm`.
+    ended = json.loads(a.metac("ps", "-a", "--json").stdout)
+    assert [(p["id"], p["status"], p["command"]) for p in ended] == [
+        (process_id, "killed by SIGTERM", "sleep 300")], ended
+    rows = [line.split() for line in a.metac("ps", "-a").stdout.splitlines()[1:]]
+    assert rows[0][0] == process_id and rows[0][2:5] == ["killed", "by", "SIGTERM"], rows
+    # kill on an ended process, by id or by ref, says so in one line (exit 6).
+    for target in (process_id, ref):
+        gone = a.metac("kill", "-s", "KILL", target, check=False)
+        lines = gone.stderr.strip().splitlines()
+        assert gone.returncode == 6 and len(lines) == 1, gone.stderr
+        assert lines[0].startswith("metac: FailedPrecondition: ") and \
+            "already ended (killed by SIGTERM)" in lines[0], gone.stderr
+        assert ref.rsplit("/", 1)[1] not in gone.stderr
+    unknown = a.metac("kill", "no-such-process", check=False)
+    assert unknown.returncode == 3 and "no process no-such-process" in unknown.stderr
+    assert a.metac("rm", process_id).stdout.split() == [process_id]
+    assert json.loads(a.metac("ps", "-a", "--json").stdout) == []
+    again = a.metac("rm", process_id, check=False)
+    assert again.returncode == 3 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "no ended background process" in again.stderr
+    # One that exits by itself: its exit code, and `rm ENV` forgets all of the environment.
+    a.metac("run", "--background", "--mount", f"/=local:{busybox_root}", "--",
+            "sh", "-c", "exit 3")
+    deadline = time.monotonic() + 30
+    while not (rows := json.loads(a.metac("ps", "-a", "--json").stdout)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert [r["status"] for r in rows] == ["exited 3"], rows
+    assert a.metac("rm", rows[0]["id"].split(".")[0]).stdout.split() == [rows[0]["id"]]
     a.metac("ref", "rm", ref)
     wait_clean([a], before)
 
@@ -330,6 +384,8 @@ def test_interrupt_is_forwarded_once_then_detaches(nodes_factory, busybox_root) 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 9
     assert proc.stdout.read() == "got-int\n"
+    assert proc.stderr.read() == ("metac: sent SIGINT to the process; Ctrl-C again destroys "
+                                  "the environment\n")
     # A process that ignores SIGINT: the second Ctrl-C gives up and tears down.
     script = 'trap "" INT; echo ready; exec sleep 300'
     proc = a.popen("run", "--mount", f"/=local:{busybox_root}", "--", "sh", "-c", script)

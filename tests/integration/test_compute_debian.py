@@ -66,10 +66,9 @@ def test_debian_root_from_a_data_from_b_run_on_c(nodes_factory, tmp_path: Path) 
     for node in (a, b, c):
         node.track_mount_root(tmp_path)
 
-    # dpkg chowns what it unpacks to root and needs the root's ownership kept: this
-    # is today's export behaviour (the server runs as root). Where exports squash
-    # ownership by default, this export needs --preserve-owners.
-    root_ref = a.metac("fs", "export", f"local:{root}").stdout.strip()
+    # dpkg chowns what it unpacks to root and system users: the root's export keeps
+    # owners (a squashed export would refuse those chowns).
+    root_ref = a.metac("fs", "export", "--preserve-owners", f"local:{root}").stdout.strip()
     data_ref = b.metac("fs", "export", f"local:{data}").stdout.strip()
     launcher = c.metac("compute", "export").stdout.strip()
     before = snapshot(a, b, c)

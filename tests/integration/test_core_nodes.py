@@ -369,13 +369,20 @@ def test_two_refs_to_one_object_share_it(nodes_factory) -> None:
     listed = json.loads(a.metac("ref", "ls", "--json").stdout)
     counters = [r for r in listed if r["category"] == "counter"]
     # The exported ref, the transient one the demo service made to adopt the capability
-    # (ServiceContext.adopt), and the nested persistent one the box's description holds.
+    # (ServiceContext.adopt: an alias of the grant), and the nested persistent one the
+    # box's description holds. Both were made through the exported ref: its children.
     assert sorted(r["persistent"] for r in counters) == [False, True, True]
+    (exported,) = [r for r in counters if not r["parent"]]
+    assert sorted(r["parent"] for r in counters) == ["", exported["id"], exported["id"]]
     assert demo(b, "increment", box_a, "2").stdout.strip() == "2"
     assert demo(b, "box-get", box, "3").stdout.strip() == "5"  # the same object
     a.metac("ref", "rm", box_a)
-    # The object stays alive while the nested ref holds it.
-    assert demo(b, "box-get", box, "1").stdout.strip() == "6"
+    # The box holds a capability obtained through box_a: revoking box_a cut it (and its
+    # children went with it); the box's own ref stays.
+    gone = demo(b, "box-get", box, "1", check=False)
+    assert gone.returncode == 3 and "NotFound" in gone.stderr
+    listed = json.loads(a.metac("ref", "ls", "--json").stdout)
+    assert [r["category"] for r in listed] == ["box"]
 
 
 FORGET = textwrap.dedent("""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -20,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from metac.testing.nodes import NodeHost
+from fs_support import forward, stop
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -52,24 +50,6 @@ def pair(nodes_factory, tmp_path: Path):
     for node in (a, b):
         node.track_mount_root(tmp_path)
     return a, b, export, tmp_path
-
-
-def forward(node: NodeHost, ref: str) -> tuple[subprocess.Popen, int]:
-    proc = node.popen("stream", "forward", ref, "127.0.0.1:0")
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r":(\d+)", line)
-    assert match, f"no port in {line!r}; stderr: {proc.stderr.read() if proc.poll() else ''}"
-    return proc, int(match.group(1))
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def test_diodls_and_diodcat_through_v9fs_stream(pair) -> None:
@@ -139,7 +119,8 @@ def test_nbdinfo_and_nbdcopy_through_nbd_setup(pair) -> None:
 def test_hostile_sftp_client_and_the_mount_stay_inside(pair) -> None:
     need("sshfs")
     a, b, export, tmp = pair
-    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    # Owners kept: the server runs as root, the case where following a link would hurt.
+    ref = a.metac("fs", "export", "--preserve-owners", f"local:{export}").stdout.strip()
 
     # 1. Our own mount on B: symlinks show as symlinks; nothing resolves on A.
     mnt = tmp / "mnt"

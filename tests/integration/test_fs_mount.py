@@ -147,7 +147,8 @@ def test_symlinks_are_data_through_the_mount(pair, tmp_path: Path) -> None:
     }
     for name, text in links.items():
         os.symlink(text, os.fsencode(root) + b"/" + name)
-    ref = a.metac("fs", "export", f"local:{export}").stdout.strip()
+    # Owners are kept so that the lchown below can give the link to another user.
+    ref = a.metac("fs", "export", "--preserve-owners", f"local:{export}").stdout.strip()
     b.metac("fs", "mount", ref, str(mnt))
     try:
         seen = os.fsencode(mnt / "root")
@@ -297,7 +298,8 @@ async def main(export, path, keep):
     async with api.connect_admin() as admin:
         svc = await api.service_admin(admin, "fs", fs.FilesystemServiceAdmin)
         ns = svc.rootNamespace().ns
-        sub = ns.filesystem().fs.getSubtree(export.lstrip("/")).fs
+        # the admin's own directory, as root: bind-mounted (a squashed one is served)
+        sub = ns.filesystemPreservingOwners().fs.getSubtree(export.lstrip("/")).fs
         if keep:
             opts = fs.MountOptions.new_message()
             opts.keep = True

@@ -48,14 +48,20 @@ def test_persistent_bind_survives_restarts_of_both_nodes(nodes_factory) -> None:
     a, b = nodes_factory(2)
     ca = container(a, "ca", dev="port0", addr="192.168.81.1")
     before = {a.name: a.links(), b.name: b.links()}
-    proc = b.metac("net", "bind", "--persistent", export(a, "port0"), "newlocal:remote0")
+    # A persistent bind needs a persistent export: a holder of a non-persistent ref cannot
+    # make refs that outlive it (test_revocation).
+    exported = a.metac("net", "export", "--persistent", "local:port0").stdout.strip()
+    proc = b.metac("net", "bind", "--persistent", exported, "newlocal:remote0")
     bind_ref = proc.stdout.strip()
     assert bind_ref.startswith(f"ref://{b.address}/net/") and "persistent" in proc.stderr
     b.host.run(["ip", "addr", "add", "192.168.81.2/24", "dev", "remote0"])
     ping_ok(ca, "192.168.81.2")  # the CLI is gone; the node keeps the bind
     (row,) = net_ls(b)["binds"]
     assert row["persistent"] is True and row["state"] == "up"
-    (peer_ref,) = refs(a, "l2iface")  # B asked A for one persistent ref of port0
+    (export_ref,) = [r for r in refs(a, "l2iface") if not r["parent"]]
+    # B asked A for one persistent ref of port0, through the export: its child.
+    (peer_ref,) = [r for r in refs(a, "l2iface") if r["parent"]]
+    assert peer_ref["parent"] == export_ref["id"]
     assert len(refs(b, "bind")) == 1
 
     # B restarts: the bind comes back, on the same remote0 (its address kept).
@@ -81,7 +87,7 @@ def test_persistent_bind_survives_restarts_of_both_nodes(nodes_factory) -> None:
     a.start()
     ping_ok(ca, "192.168.81.2", timeout=60)
     # Re-establishing it never asked A for another persistent ref.
-    assert refs(a, "l2iface") == [peer_ref]
+    assert refs(a, "l2iface") == [export_ref, peer_ref]
 
     # Unbinding by its ref releases it on both nodes and revokes its refs.
     out = b.metac("net", "unbind", bind_ref).stdout

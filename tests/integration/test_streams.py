@@ -429,8 +429,13 @@ def test_tcp_listen_accepts_only_its_peer_and_times_out(nodes_factory, programs)
     seen = client(b, "rules", ref, extra)
     assert seen == {"other_port": ["", "reset"], "other_address": ["", "reset"],
                     "mine": ["PING", "eof"], "late": "refused"}
-    assert "reset a connection from an unauthorized peer" in open(
-        a.state_dir / "logs" / "node.service-stream.log").read()
+    # Service logs reach their file through the node (a pipe it copies): allow it a moment.
+    stream_log = a.state_dir / "logs" / "node.service-stream.log"
+    deadline = time.monotonic() + 10
+    while "reset a connection from an unauthorized peer" not in stream_log.read_text() \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "reset a connection from an unauthorized peer" in stream_log.read_text()
 
     # Nobody connects: the listener and the backend connection are gone after the timeout.
     base = fd_count(pid)

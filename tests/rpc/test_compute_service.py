@@ -17,6 +17,7 @@ import pytest
 from metac import errors
 from metac.compute import service
 from metac.compute.descriptions import LaunchRequest
+from metac.compute.ended import EndedProcesses
 from metac.schema.load import compute, core, fs
 from metac.testing.inproc import run
 
@@ -76,6 +77,7 @@ class FakeState:
         self.requests: list[LaunchRequest] = []
         self.env = FakeEnv()
         self.host = type("Host", (), {"envs": {self.env.id: self.env}})()
+        self.ended = EndedProcesses()
 
     async def launch(self, request: LaunchRequest) -> tuple[FakeEnv, FakeProcess]:
         self.requests.append(request)

@@ -90,6 +90,57 @@ def test_a_fifo_is_not_a_regular_file(tree: Path) -> None:
         entry.open_regular(os.O_RDONLY)
 
 
+def test_the_type_is_checked_before_anything_is_opened(tree: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FIFO (or a device node) is never opened for real: opening has side effects (a
+    writer blocked on the FIFO would be released; a tape would rewind)."""
+    os.mkfifo(tree / "fifo")
+    writer_opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(tree / "fifo", os.O_WRONLY)  # blocks until somebody opens for reading
+        writer_opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    opens: list[int] = []
+    real_open = os.open
+
+    def spy(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opens.append(flags)
+        return real_open(path, flags, *args, **kwargs)
+
+    entry = Entry.resolve(open_dir(tree), "fifo")
+    monkeypatch.setattr(os, "open", spy)
+    with pytest.raises(errors.FailedPrecondition, match="not a regular file"):
+        entry.open_regular(os.O_RDONLY)
+    monkeypatch.undo()
+    assert opens and all(flags & os.O_PATH for flags in opens)
+    assert not writer_opened.is_set()
+    os.close(os.open(tree / "fifo", os.O_RDONLY))  # release the writer
+    thread.join(30)
+    assert writer_opened.is_set()
+
+
+def test_open_regular_reads_creates_and_truncates_the_checked_file(tree: Path) -> None:
+    d = open_dir(tree)
+    existing = Entry.resolve(d, "a/b/file")
+    with os.fdopen(existing.open_regular(os.O_RDONLY), "rb") as f:
+        assert f.read()
+    new = Entry.resolve(d, "a/made")
+    fd = new.open_regular(os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode=0o600)
+    os.write(fd, b"0123456789")
+    os.close(fd)
+    assert (tree / "a" / "made").stat().st_mode & 0o777 == 0o600
+    os.close(new.open_regular(os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+    assert (tree / "a" / "made").read_bytes() == b""
+    fd = new.open_regular(os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, b"x")
+    os.close(fd)
+    assert (tree / "a" / "made").read_bytes() == b"x"
+
+
 def test_a_symlinked_path_to_the_export_itself_is_refused(tree: Path) -> None:
     alias = tree.parent / "alias"
     alias.symlink_to(tree)
@@ -136,3 +187,17 @@ def test_symlink_swapped_in_during_walks_never_leads_out(tree: Path) -> None:
         stop.set()
         thread.join()
     assert seen["inside"] and seen["refused"], seen
+
+
+def test_a_missing_mount_point_is_not_found_with_the_whole_path(tmp_path: Path) -> None:
+    from metac.fs.service import check_mount_point
+
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(errors.NotFound, match=f"^{missing}: no such directory$"):
+        check_mount_point(str(missing))
+    export = Directory.open_absolute(str(tmp_path))
+    try:  # below an export only the client's name: never where the export lives
+        with pytest.raises(errors.NotFound, match="^no: no such directory$"):
+            export.subdir(("no", "such"))
+    finally:
+        export.close()

@@ -74,10 +74,21 @@ def register(sub: Any) -> None:
                    help="the command and its arguments")
     r.set_defaults(func=run)
 
-    ps = sub.add_parser("ps", help="processes launched on this node")
+    ps = sub.add_parser(
+        "ps", help="processes launched on this node",
+        description="Processes launched on this node. With -a also those that ended: an "
+                    "ended background process (metac run --background) stays listed with its "
+                    "exit code until `metac rm ID`, for 24 hours, or until the compute "
+                    "service restarts.")
     ps.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
-    ps.add_argument("-a", "--all", action="store_true", help="also processes that ended")
+    ps.add_argument("-a", "--all", action="store_true",
+                    help="also processes that ended, with their exit codes")
     ps.set_defaults(func=list_processes)
+
+    rm = sub.add_parser("rm", help="forget ended background processes (listed by `ps -a`)")
+    rm.add_argument("targets", nargs="+", metavar="ID",
+                    help="ENV.N (one process) or ENV (every process of that environment)")
+    rm.set_defaults(func=remove_processes)
 
     k = sub.add_parser("kill", help="send a signal to processes (by id, env id or ref)")
     k.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
@@ -141,10 +152,12 @@ class Resolver:
         fs_admin = await get_service_admin(await self.admin(), "fs",
                                            schema.fs.FilesystemServiceAdmin)
         async with rpc_errors():
-            ns = fs_admin.rootNamespace().ns
+            # The admin's own directory: bind-mounted as it is (root in the container is
+            # root on it anyway), not squashed like an exported one.
+            root = fs_admin.rootNamespace().ns.filesystemPreservingOwners()
             if not loc.parts:
-                return (await ns.filesystem()).fs
-            return (await ns.filesystem().fs.getSubtree("/".join(loc.parts))).fs
+                return (await root).fs
+            return (await root.fs.getSubtree("/".join(loc.parts))).fs
 
     async def network(self, loc: Locator) -> Any:
         if isinstance(loc, RefLocator):
@@ -326,6 +339,9 @@ async def _attach(process: Any, address: str, *, pty: bool) -> int:
         if interrupted > 1 and main is not None:
             main.cancel()
             return
+        again = "Ctrl-C again" if sig == signal.SIGINT else "a second signal"
+        print(f"metac: sent {signal.Signals(sig).name} to the process; {again} destroys "
+              "the environment", file=sys.stderr, flush=True)
         task = loop.create_task(_forward_signal(process, sig), name=f"forward signal {sig}")
         forwarding.add(task)
         task.add_done_callback(forwarding.discard)
@@ -380,11 +396,21 @@ async def _compute_admin(stack: contextlib.AsyncExitStack) -> Any:
     return await get_service_admin(admin, "compute", schema.compute.ComputeServiceAdmin)
 
 
+def _ended_status(code: int) -> str:
+    """``exited N``, or ``killed by SIGNAME`` for a process a signal ended (code -N)."""
+    if code >= 0:
+        return f"exited {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
 def _row(p: Any) -> dict[str, Any]:
     return {
         "id": p.id,
         "pid": p.pid,
-        "status": "running" if p.running else f"exited {p.returnCode}",
+        "status": "running" if p.running else _ended_status(p.returnCode),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.started)),
         "command": " ".join(p.args),
     }
@@ -403,6 +429,24 @@ async def list_processes(args: argparse.Namespace) -> int:
     return 0
 
 
+async def remove_processes(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        compute = await _compute_admin(stack)
+        for target in args.targets:
+            async with rpc_errors():
+                removed = (await compute.removeProcesses(target)).removed
+            for process_id in removed:
+                print(process_id)
+    return 0
+
+
+def _ended_error(target: str, ended: list[Any]) -> errors.MetacError:
+    how = ", ".join(_ended_status(p.returnCode) for p in ended)
+    what = f"process {target} has" if len(ended) == 1 else f"the processes of {target} have"
+    return errors.FailedPrecondition(
+        f"{what} already ended ({how}); `metac rm {target}` forgets it")
+
+
 async def kill(args: argparse.Namespace) -> int:
     try:
         sig = signal_number(args.signal)
@@ -416,6 +460,15 @@ async def kill(args: argparse.Namespace) -> int:
                 loc = Locator.parse(target, allowed=("ref",))
                 assert isinstance(loc, RefLocator)
                 process = await resolver.restore(loc.ref, schema.compute.Process)
+                ended_code: int | None = None
+                try:
+                    async with rpc_errors():
+                        ended_code = int((await process.returnCode()).code)
+                except errors.FailedPrecondition:
+                    pass  # it still runs
+                if ended_code is not None:
+                    raise errors.FailedPrecondition(
+                        f"the process has already ended ({_ended_status(ended_code)})")
                 async with rpc_errors():
                     await process.kill(int(sig))
                 continue
@@ -423,10 +476,13 @@ async def kill(args: argparse.Namespace) -> int:
                 compute = await _compute_admin(stack)
                 async with rpc_errors():
                     listed = list((await compute.listProcesses()).processes)
-            matches = [p for p in listed if p.running and
-                       (p.id == target or p.id.split(".")[0] == target)]
+            named = [p for p in listed if p.id == target or p.id.split(".")[0] == target]
+            matches = [p for p in named if p.running]
+            if not matches and named:
+                raise _ended_error(target, named)
             if not matches:
-                raise errors.NotFound(f"no running process {target} on this node")
+                raise errors.NotFound(f"no process {target} on this node (`metac ps -a` "
+                                      "lists them)")
             async with rpc_errors():
                 for p in matches:
                     await p.process.kill(int(sig))

@@ -1,8 +1,10 @@
 """`metac fs|file|block ...`: share directories, files and disk images; mount and attach them.
 
 Resources are ``local:/PATH`` (on this node; needs root; symlinks in the path
-you type are resolved here, by you, before the node's confined walk starts) or
-``ref://…`` sturdy refs (of any node).
+you type are resolved here, by you, before the node's confined walk starts; the
+export commands refuse a last component that is a symlink unless ``--follow``,
+since whoever can write its directory may have planted it) or ``ref://…``
+sturdy refs (of any node).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +22,14 @@ from typing import Any
 
 from metac import errors
 from metac.api import NodePool, connect_admin, ref_from_struct, rpc_errors, schema, service_admin
-from metac.cli.output import as_json, local_path, table
+from metac.cli.output import (
+    as_json,
+    local_path,
+    progress_enabled,
+    redact,
+    table,
+    waiting,
+)
 from metac.codec.locators import LocalPath, Locator, RefLocator
 from metac.core.streams import local_address_for, open_stream
 
@@ -38,19 +48,32 @@ def _persistent(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--persistent", action="store_true", help=f"{what} survives node restarts")
 
 
-def _add_export(s: Any, what: str, read_only: str, resource: str, func: Any) -> None:
+def _follow(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow", action="store_true",
+                   help="export what a local:/PATH whose last component is a symlink points "
+                        "to (refused otherwise)")
+
+
+def _add_export(s: Any, what: str, read_only: str | None, resource: str,
+                func: Any) -> argparse.ArgumentParser:
     ex = s.add_parser("export", help=f"print a sturdy ref to {what}")
     _persistent(ex, "the ref")
     ex.add_argument("--read-only", action="store_true", help=read_only)
+    _follow(ex)
     ex.add_argument("resource", help=f"{resource} or a ref to re-export")
     ex.set_defaults(func=func)
+    return ex
 
 
 def _register_fs(sub: Any) -> None:
     p = sub.add_parser("fs", help="share directories; mount them (9p or sshfs)")
     s = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
 
-    _add_export(s, "a directory", "a read-only view", "local:/PATH", fs_export)
+    ex = _add_export(s, "a directory", "a read-only view", "local:/PATH", fs_export)
+    ex.add_argument("--preserve-owners", action="store_true",
+                    help="serve as root, keeping owners, setuid bits and device nodes: the "
+                         "holder is root-equivalent on the directory (e.g. a container root "
+                         "filesystem); default: act as the directory's owner")
 
     mo = s.add_parser("mount", help="mount a directory (of any node) here; returns once mounted")
     _persistent(mo, "the mount (re-established when this node restarts)")
@@ -77,6 +100,7 @@ def _register_fs(sub: Any) -> None:
     _persistent(st, "the ref")
     st.add_argument("--protocol", choices=("9p", "sftp"), default="9p",
                     help="the protocol the stream speaks (default 9p)")
+    _follow(st)
     st.add_argument("resource", help="local:/PATH or ref://…")
     st.set_defaults(func=fs_stream)
 
@@ -125,6 +149,7 @@ def _register_block(sub: Any) -> None:
     st = s.add_parser("stream", help="print a ref to an NBD stream of the device (for external "
                                      "NBD clients, with `metac stream forward`)")
     _persistent(st, "the ref")
+    _follow(st)
     st.add_argument("resource", help="ref://… or local:/PATH")
     st.set_defaults(func=block_stream)
 
@@ -162,15 +187,26 @@ class Resources:
             addr = (await (await self.admin()).getUnprivilegedNode().node.address()).address
         return addr.ip
 
-    async def resolve(self, text: str, interface: Any) -> tuple[Any, str]:
-        """(capability, our address toward its node) for ``text``."""
+    async def resolve(self, text: str, interface: Any, *, follow: bool = True,
+                      preserve_owners: bool = False) -> tuple[Any, str]:
+        """(capability, our address toward its node) for ``text``.
+
+        ``follow=False`` refuses a ``local:`` path whose last component is a symlink;
+        ``preserve_owners`` takes it from the root that serves as root (see
+        ``FilesystemNamespace.filesystemPreservingOwners``)."""
         loc = Locator.parse(text, allowed=KINDS)
         if isinstance(loc, RefLocator):
+            if preserve_owners:
+                raise errors.InvalidArgument("--preserve-owners needs a local:/PATH (a ref "
+                                             "keeps the owners rule it was exported with)")
             cap = await (await self.pool()).restore(loc.ref, interface)
             return cap, local_address_for(loc.ref.node)
         assert isinstance(loc, LocalPath)
+        if not follow and os.path.islink(loc.path):
+            raise errors.InvalidArgument(f"{loc.path} is a symlink; use --follow")
         real = LocalPath(os.path.realpath(loc.path))
-        root = (await self.fs_admin()).rootNamespace().ns.filesystem().fs
+        ns = (await self.fs_admin()).rootNamespace().ns
+        root = (ns.filesystemPreservingOwners() if preserve_owners else ns.filesystem()).fs
         rel = "/".join(real.parts)
         async with rpc_errors():
             if interface is schema.fs.Filesystem:
@@ -190,7 +226,9 @@ async def _print_ref(args: argparse.Namespace, interface: Any,
                      derive: Callable[[Any], Any] = lambda cap: cap) -> int:
     """Print a sturdy ref to ``derive(capability of args.resource)``."""
     async with contextlib.AsyncExitStack() as stack:
-        cap, _ = await Resources(stack).resolve(args.resource, interface)
+        cap, _ = await Resources(stack).resolve(
+            args.resource, interface, follow=args.follow,
+            preserve_owners=getattr(args, "preserve_owners", False))
         async with rpc_errors():
             res = await derive(cap).cast_as(schema.core.Persistable).createSturdyRef(
                 persistent=args.persistent)
@@ -247,18 +285,18 @@ fs_export = _exporter(schema.fs.Filesystem, "fs")
 
 
 async def fs_mount(args: argparse.Namespace) -> int:
-    path = os.path.realpath(args.path)
-    if not os.path.isdir(path):
-        raise errors.InvalidArgument(f"{args.path}: not a directory")
+    path = checked_mount_point(args.path)
     async with contextlib.AsyncExitStack() as stack:
         res = Resources(stack)
-        fs, _ = await res.resolve(args.resource, schema.fs.Filesystem)
+        # A local: directory is the admin's own: bind-mounted as root, as `mount --bind`.
+        fs, _ = await res.resolve(args.resource, schema.fs.Filesystem,
+                                  preserve_owners=args.resource.startswith("local:"))
         ns = (await res.fs_admin()).rootNamespace().ns
         options = schema.fs.MountOptions.new_message()
         options.method = "" if args.method == "auto" else args.method
         options.readOnly = args.read_only
         options.keep = True  # the mount outlives this command
-        async with rpc_errors():
+        async with waiting(f"mounting {redact(args.resource)} at {path}"), rpc_errors():
             holder = (await ns.mountWith(path, fs, options)).holder
             if args.persistent:
                 await holder.createSturdyRef(persistent=True)
@@ -272,7 +310,20 @@ async def fs_umount(args: argparse.Namespace) -> int:
     wanted = {os.path.normpath(os.path.abspath(args.path)), os.path.realpath(args.path)}
     if await _release("mounts", lambda m: m.path in wanted, lambda m: f"unmounted {m.path}"):
         return 0
-    raise errors.NotFound(f"{args.path}: not a mount made by `metac fs mount`")
+    if not os.path.lexists(args.path):
+        raise errors.NotFound(f"{os.path.abspath(args.path)}: no such directory")
+    raise errors.NotFound(f"{os.path.abspath(args.path)}: not a mount made by `metac fs mount`")
+
+
+def checked_mount_point(path: str) -> str:
+    """The real path of an existing directory to mount on: NotFound with the whole path if
+    it does not exist, InvalidArgument if it is something else."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        raise errors.NotFound(f"{os.path.abspath(path)}: no such directory")
+    if not os.path.isdir(real):
+        raise errors.InvalidArgument(f"{os.path.abspath(path)}: not a directory")
+    return real
 
 
 async def fs_ls(args: argparse.Namespace) -> int:
@@ -294,28 +345,43 @@ file_export = _exporter(schema.fs.File, "file")
 
 
 class Progress:
-    """A one-line progress bar on stderr (only when it is a terminal and the file is large)."""
+    """A one-line progress bar on stderr (see output.progress_enabled) for a copy of
+    PROGRESS_MIN bytes or more; ``total`` None: the size is not known in advance."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int | None) -> None:
         self.total = total
         self.done = 0
-        self.enabled = total >= PROGRESS_MIN and sys.stderr.isatty()
+        self.enabled = progress_enabled()
+        self.shown = False
         self.start = self._last = time.monotonic()
 
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.enabled and now - self._last > 0.2:
+        if now - self._last > 0.2:
             self._last = now
-            rate = self.done / max(now - self.start, 1e-6) / (1 << 20)
+            self._show(now)
+
+    def _show(self, now: float) -> None:
+        big = (self.total if self.total is not None else self.done) >= PROGRESS_MIN
+        if not (self.enabled and big):
+            return
+        self.shown = True
+        rate = self.done / max(now - self.start, 1e-6) / (1 << 20)
+        if self.total is None:
+            sys.stderr.write(f"\r{self.done >> 20} MiB  {rate:.0f} MiB/s ")
+        else:
             pct = 100 * self.done / self.total if self.total else 100
             sys.stderr.write(f"\r{pct:5.1f}%  {self.done >> 20} / {self.total >> 20} MiB  "
                              f"{rate:.0f} MiB/s ")
-            sys.stderr.flush()
+        sys.stderr.flush()
 
     def finish(self) -> None:
-        if self.enabled:
+        """The final state (however fast the copy was), then a newline."""
+        self._show(time.monotonic())
+        if self.shown:
             sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 async def file_cat(args: argparse.Namespace) -> int:
@@ -351,18 +417,23 @@ async def file_put(args: argparse.Namespace) -> int:
         opened = await stack.enter_async_context(await open_stream(stream, local_address=local))
         sock = opened.sock
         stdin = sys.stdin.buffer.fileno()
+        st = os.fstat(stdin)
+        progress = Progress(st.st_size if stat.S_ISREG(st.st_mode) else None)
         try:
             while True:
                 data = await loop.run_in_executor(None, os.read, stdin, CHUNK)
                 if not data:
                     break
                 await loop.sock_sendall(sock, data)
+                progress.add(len(data))
             sock.shutdown(socket.SHUT_WR)
             # The node closes its side only once everything is written and flushed.
             while await loop.sock_recv(sock, 4096):
                 pass
         except ConnectionError as exc:
             raise errors.Unavailable(f"the write was cut off: {exc.strerror or exc}") from None
+        finally:
+            progress.finish()
     return 0
 
 
@@ -377,7 +448,7 @@ async def block_stream(args: argparse.Namespace) -> int:
 
 
 async def block_attach(args: argparse.Namespace) -> int:
-    mount_path = os.path.realpath(args.mount) if args.mount else ""
+    mount_path = checked_mount_point(args.mount) if args.mount else ""
     async with contextlib.AsyncExitStack() as stack:
         res = Resources(stack)
         dev, _ = await res.resolve(args.resource, schema.fs.BlockDevice)
@@ -385,8 +456,9 @@ async def block_attach(args: argparse.Namespace) -> int:
         options.readOnly = args.read_only
         options.mountPath = mount_path
         options.keep = True  # the attachment outlives this command
-        async with rpc_errors():
-            out = await (await res.fs_admin()).attachBlock(dev, options)
+        fs_admin = await res.fs_admin()
+        async with waiting(f"attaching {redact(args.resource)}"), rpc_errors():
+            out = await fs_admin.attachBlock(dev, options)
             if args.persistent:
                 await out.holder.createSturdyRef(persistent=True)
     print(out.path)

@@ -23,7 +23,7 @@ from metac.cli import (
     stream_cli,
     vm_cli,
 )
-from metac.cli.output import error, local_path
+from metac.cli.output import error, local_path, slow_notice
 from metac.codec.locators import LocatorError
 from metac.codec.refs import RefError
 
@@ -66,7 +66,10 @@ def run(func: Callable[..., Any], args: argparse.Namespace) -> int:
     """Run a command function (sync or async, inside the kj loop); map errors to exit codes."""
     import capnp
 
+    from metac.core import client
     from metac.core.rpc import rpc_errors
+
+    client.on_slow = slow_notice
 
     stopped_by: list[int] = []
 

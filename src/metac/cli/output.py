@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +41,62 @@ def redact(text: str) -> str:
 def error(category: str, message: str) -> None:
     """The one way the CLI reports an error: one line, secrets redacted."""
     print(f"metac: {category}: {redact(message)}", file=sys.stderr, flush=True)
+
+
+# --- telling the user about waits and progress ---
+
+
+def progress_enabled() -> bool:
+    """Whether waits and progress are told on stderr: when it is a terminal, unless
+    ``METAC_PROGRESS`` is ``always`` (logs, scripts that want them) or ``never``."""
+    mode = os.environ.get("METAC_PROGRESS", "auto")
+    if mode in ("always", "never"):
+        return mode == "always"
+    return sys.stderr.isatty()
+
+
+def slow_notice(what: str) -> None:
+    """One line about a wait that has lasted a second already (core.client.on_slow)."""
+    if progress_enabled():
+        print(redact(what), file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def waiting(what: str) -> Any:
+    """Tell about a long call that reports no progress of its own: after a second
+    ``what … N s`` on a terminal (updated each second), one line otherwise."""
+    if not progress_enabled():
+        yield
+        return
+    from metac.core import client
+
+    what = redact(what)
+    tty = sys.stderr.isatty()
+    start = time.monotonic()
+    shown = False
+
+    async def tick() -> None:
+        nonlocal shown
+        await asyncio.sleep(client.SLOW_AFTER)
+        while True:
+            shown = True
+            if not tty:
+                print(f"{what} …", file=sys.stderr, flush=True)
+                return
+            sys.stderr.write(f"\r{what} … {time.monotonic() - start:.0f} s ")
+            sys.stderr.flush()
+            await asyncio.sleep(1.0)
+
+    task = asyncio.get_running_loop().create_task(tick(), name=f"waiting: {what}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if shown and tty:
+            sys.stderr.write(f"\r{what}: {time.monotonic() - start:.0f} s\n")
+            sys.stderr.flush()
 
 
 # --- argument types: a ref typed where a path or a name belongs is refused, not echoed ---

@@ -50,7 +50,30 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "created": datetime.datetime.fromtimestamp(info.created).isoformat(timespec="seconds"),
         "group": info.group,
         "live": bool(info.live),
+        "parent": info.parent,
     }
+
+
+def _tree_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with each ref's children (refs made through it) right under it, indented."""
+    children: dict[str, list[dict[str, Any]]] = {}
+    ids = {r["id"] for r in rows}
+    roots = []
+    for row in rows:
+        if row["parent"] and row["parent"] in ids:
+            children.setdefault(row["parent"], []).append(row)
+        else:
+            roots.append(row)
+    out: list[dict[str, Any]] = []
+
+    def walk(row: dict[str, Any], depth: int) -> None:
+        out.append({**row, "id": "  " * depth + row["id"]})
+        for child in children.get(row["id"], []):
+            walk(child, depth + 1)
+
+    for row in roots:
+        walk(row, 0)
+    return out
 
 
 async def _persistence(admin: Any) -> Any:
@@ -65,7 +88,8 @@ async def list_refs(args: argparse.Namespace) -> int:
     if args.json:
         as_json(rows)
     else:
-        table(rows, ["id", "service", "category", "persistent", "created", "group", "live"])
+        table(_tree_order(rows),
+              ["id", "service", "category", "persistent", "created", "group", "live", "parent"])
     return 0
 
 

@@ -122,6 +122,10 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+class _Revoked(Exception):
+    """The forwarded stream's ref was revoked (ends the accept loop)."""
+
+
 async def forward(args: argparse.Namespace) -> int:
     host, port = _listen_address(args.listen)
     loop = asyncio.get_running_loop()
@@ -140,6 +144,7 @@ async def forward(args: argparse.Namespace) -> int:
         shown = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
         print(f"forwarding {shown}; Ctrl-C to stop", flush=True)
         state = {"cap": cap}
+        revoked = asyncio.Event()
 
         async def one(conn: socket.socket, peer: Any) -> None:
             client = Endpoint.of_socket(conn, "client")
@@ -151,18 +156,32 @@ async def forward(args: argparse.Namespace) -> int:
                     state["cap"], _ = await resolver.resolve(args.stream)
                     opened = await open_stream(state["cap"], local_address=address)
             except errors.MetacError as exc:
-                error(exc.category, str(exc))
                 client.close()
+                if isinstance(exc, errors.NotFound):
+                    revoked.set()  # the ref was revoked: nothing more can be forwarded
+                    return
+                error(exc.category, str(exc))
                 return
             async with opened:
                 await pipe_endpoints(client, opened.endpoint(),
                                      f"forward {peer[0]}:{peer[1]}")
 
-        with contextlib.suppress(asyncio.CancelledError):
-            async with asyncio.TaskGroup() as tg:
-                while True:
-                    conn, peer = await loop.sock_accept(server)
-                    tg.create_task(one(conn, peer), name=f"forward {peer[0]}:{peer[1]}")
+        async def stop_when_revoked() -> None:
+            await revoked.wait()
+            raise _Revoked
+
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(stop_when_revoked(), name="stop when revoked")
+                    while True:
+                        conn, peer = await loop.sock_accept(server)
+                        tg.create_task(one(conn, peer), name=f"forward {peer[0]}:{peer[1]}")
+        except BaseExceptionGroup as group:
+            if group.subgroup(_Revoked) is None:
+                raise
+        if revoked.is_set():
+            raise errors.NotFound("the stream's ref was revoked; stopped forwarding")
     return 0
 
 

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 import capnp
 
 from metac import errors
 from metac.compute.descriptions import LaunchRequest, MountRequest
+from metac.compute.ended import EndedProcess, EndedProcesses
 from metac.compute.environment import (
     ComputeHost,
     ContainerProcess,
@@ -73,6 +75,8 @@ class ComputeState:
         self._tombstones: Tombstones | None = None
         self._sweeper: Any = None
         self.net: NetAttacher = CapabilityNet(ctx)
+        #: Ended background processes, for `metac ps -a` (compute.ended).
+        self.ended = EndedProcesses()
 
     async def start(self) -> None:
         become_subreaper()
@@ -145,6 +149,11 @@ class ComputeState:
     def _buried(self, env: Environment) -> None:
         if env.persistent:
             self.tombstones.bury(env.id)
+        if env.auto_destroy:  # a background one: its exit codes stay for `metac ps -a`
+            now = time.time()
+            self.ended.add(EndedProcess(p.id, p.pid, tuple(p.spec.args), p.returncode, p.started,
+                                        now)
+                           for p in env.processes if p.returncode is not None)
 
     async def recreate_env(self, data: dict[str, Any], caps: list[Any]) -> Environment:
         """A persistent environment again, after a restart (same id)."""

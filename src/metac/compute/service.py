@@ -56,11 +56,16 @@ class ComputeAdminServer(Servant, compute.ComputeServiceAdmin.Server):
     async def getLauncher(self, _context: Any, **kwargs: Any) -> None:
         _context.results.launcher = LauncherServer(self._ctx, self._state)
 
-    async def listProcesses(self, _context: Any, **kwargs: Any) -> None:
+    def _live(self) -> list[ContainerProcess]:
         host: ComputeHost | None = self._state.host
-        rows = [p for env in (host.envs.values() if host else ()) for p in env.processes]
-        out = _context.results.init("processes", len(rows))
-        for item, process in zip(out, rows, strict=True):
+        return [p for env in (host.envs.values() if host else ()) for p in env.processes]
+
+    async def listProcesses(self, _context: Any, **kwargs: Any) -> None:
+        rows = self._live()
+        live_ids = {p.id for p in rows}
+        ended = [r for r in self._state.ended.list() if r.id not in live_ids]
+        out = _context.results.init("processes", len(rows) + len(ended))
+        for item, process in zip(out, rows, strict=False):
             item.pid = process.pid
             item.args = list(process.spec.args)
             item.running = process.running
@@ -69,6 +74,30 @@ class ComputeAdminServer(Servant, compute.ComputeServiceAdmin.Server):
             item.id = process.id
             item.process = ProcessServer(self._ctx, process, self._state)
             item.env = EnvironmentServer(self._ctx, self._state, process.env)
+        for item, record in zip(list(out)[len(rows):], ended, strict=True):
+            item.pid = record.pid
+            item.args = list(record.args)
+            item.running = False
+            item.returnCode = record.returncode
+            item.started = record.started
+            item.id = record.id
+            item.ended = record.ended
+
+    async def removeProcesses(self, target: str, _context: Any, **kwargs: Any) -> None:
+        target = str(target)[:64]
+        live = [p for p in self._live() if target in (p.id, p.env.id)]
+        if any(p.running for p in live):
+            raise errors.FailedPrecondition(f"process {target} is still running; stop it "
+                                            f"first with `metac kill {target}`")
+        removed = self._state.ended.remove(target)
+        if not removed:
+            if live:
+                raise errors.FailedPrecondition(
+                    f"process {target} has ended but its environment still runs; it is "
+                    "listed until the environment ends")
+            raise errors.NotFound(f"no ended background process {target} on this node "
+                                  "(`metac ps -a` lists them)")
+        _context.results.removed = [r.id for r in removed]
 
 
 class _Described(PersistableMixin):

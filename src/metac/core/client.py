@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from metac import errors
@@ -29,6 +30,26 @@ def ref_to_struct(ref: SturdyRef) -> Any:
     msg.service = ref.service
     msg.objectInfo = ref.secret_bytes
     return msg
+
+
+#: Told once about a wait still going after SLOW_AFTER seconds ("connecting to node
+#: 192.0.2.1:901"); the CLI prints it (cli/output.slow_notice). None: nobody is told.
+on_slow: Callable[[str], None] | None = None
+SLOW_AFTER = 1.0
+
+
+@contextlib.contextmanager
+def telling_if_slow(what: str) -> Iterator[None]:
+    """Call :data:`on_slow` with ``what`` if the block is still running after SLOW_AFTER s."""
+    hook = on_slow
+    if hook is None:
+        yield
+        return
+    handle = asyncio.get_running_loop().call_later(SLOW_AFTER, hook, what)
+    try:
+        yield
+    finally:
+        handle.cancel()
 
 
 class NodePool:
@@ -64,16 +85,26 @@ class NodePool:
 
     async def restore(self, ref: SturdyRef, interface: Any = None) -> Any:
         """Restore ``ref`` from its node; the capability, cast to ``interface``."""
-        node = await self.node(ref.node, ref.port)
+        port = ref.port or DEFAULT_PORT
+        shown = f"[{ref.node}]:{port}" if ":" in ref.node else f"{ref.node}:{port}"
         try:
-            async with rpc_errors():
-                service = node.getService(ref.service).service
-                res = await service.restore(ref.secret_bytes)
+            with telling_if_slow(f"connecting to node {shown} …"):
+                node = await self.node(ref.node, ref.port)
+                async with rpc_errors():
+                    service = node.getService(ref.service).service
+                    res = await service.restore(ref.secret_bytes)
         except errors.Unavailable:
             self.forget(ref.node, ref.port)
             raise
         obj = res.obj.as_interface(interface or core.Persistable)
         return obj
+
+    async def drop_alias(self, ref: SturdyRef) -> None:
+        """Revoke an alias ``ref`` (see Persistable.createSturdyRef) on its node."""
+        node = await self.node(ref.node, ref.port)
+        async with rpc_errors():
+            service = node.getService(ref.service).service
+            await service.dropAlias(ref.secret_bytes)
 
     async def aclose(self) -> None:
         self._nodes.clear()

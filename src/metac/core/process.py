@@ -20,6 +20,49 @@ from metac.core.holder import drain_background
 
 log = logging.getLogger(__name__)
 
+#: Exit code of a daemon that cannot run as things are (a damaged database, ...):
+#: restarting it would fail the same way. A service exiting with it stops the
+#: node, which exits with it too (the systemd unit does not restart on it).
+EXIT_FATAL = 78  # EX_CONFIG
+
+#: Where a service writes the one-line reason of a fatal exit, for the node to report.
+FATAL_FILE_ENV = "METAC_FATAL_FILE"
+
+
+class FatalError(Exception):
+    """Raised out of a daemon's body: log ``error`` as one line and exit EXIT_FATAL."""
+
+    def __init__(self, error: errors.MetacError) -> None:
+        super().__init__(error.wire())
+        self.error = error
+
+
+def _report_fatal(error: errors.MetacError) -> None:
+    path = os.environ.get(FATAL_FILE_ENV)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(error.wire() + "\n")
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc.strerror)
+
+
+def read_fatal(path: str) -> errors.MetacError | None:
+    """The error a service reported in its fatal file (and remove the file)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read().strip().splitlines()
+        os.unlink(path)
+    except OSError:
+        return None
+    if not text:
+        return None
+    category, _, message = text[0].partition(": ")
+    return errors.CATEGORIES.get(category, errors.FailedPrecondition)(message or text[0])
+
 
 class RedactingFormatter(logging.Formatter):
     """Log lines (tracebacks included) with the secret of every ref-shaped text cut."""
@@ -108,6 +151,10 @@ def run_daemon(name: str, body: Callable[[], Awaitable[int | None]]) -> int:
             if not stopping:
                 raise
             code = 0
+        except FatalError as exc:
+            log.error("%s", exc.error.wire())
+            _report_fatal(exc.error)
+            code = EXIT_FATAL
         except errors.MetacError as exc:
             log.error("%s", exc.wire())
             code = exc.exit_code

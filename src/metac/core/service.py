@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from metac import errors
 from metac.core.client import NodePool, ref_from_struct
+from metac.core.membrane import Membranes
 from metac.core.paths import ServiceEnv, admin_socket
 from metac.core.process import run_daemon
 from metac.core.rpc import Servant, connect_unix
@@ -61,6 +62,13 @@ class ServiceContext:
         self.handler = handler
         self.supervisor = supervisor
         self.pool = NodePool()
+        #: runtime id -> interface schema of this service's persisted objects, so that
+        #: Service.restore can serve each one through a proxy of its interface.
+        self.interfaces: dict[str, Any] = {}
+        self.membranes = Membranes(self._adopt_child)
+
+    async def _adopt_child(self, parent_key: bytes, ref: Any, alias: bool) -> None:
+        await self.handler.adoptChild(parent=parent_key, child=ref, alias=alias)
 
     async def adopt(self, cap: Any, interface: Any = None) -> Any:
         """A capability to keep: the same object, reached over our own connection.
@@ -70,7 +78,7 @@ class ServiceContext:
         three-party handoff). Restoring a sturdy ref of it from its own node
         gives a direct reference that outlives the client.
         """
-        res = await cap.cast_as(core.Persistable).createSturdyRef(persistent=False)
+        res = await cap.cast_as(core.Persistable).createSturdyRef(persistent=False, alias=True)
         return await self.pool.restore(ref_from_struct(res.id), interface)
 
     def node_address(self) -> Any:
@@ -86,6 +94,9 @@ class ServiceContext:
     async def create_ref(self, obj: Any, desc: Description, runtime_id: str,
                          group: Any, persistent: bool) -> Any:
         """Ask persistence for a sturdy ref to ``obj`` (a server object of this service)."""
+        schema = getattr(obj, "schema", None)  # a server class's or a typed client's interface
+        if schema is not None:
+            self.interfaces[runtime_id] = schema
         msg = persistence.CapDescription.new_message()
         msg.runtimeId = runtime_id
         msg.category = desc.category
@@ -94,8 +105,12 @@ class ServiceContext:
         caps = msg.init("caps", len(desc.caps))
         for i, cap in enumerate(desc.caps):
             caps[i] = cap
-        res = await self.handler.createSturdyRef(group=group, description=msg,
-                                                 persistent=persistent, cap=obj)
+        if group is None:
+            res = await self.handler.createSturdyRef(description=msg, persistent=persistent,
+                                                     cap=obj)
+        else:
+            res = await self.handler.createSturdyRef(group=group, description=msg,
+                                                     persistent=persistent, cap=obj)
         return res.ref
 
 
@@ -115,6 +130,8 @@ class PersistableMixin(Servant):
         description = self._describe()  # first: Unsupported for objects that cannot persist
         if self._runtime_id is None:
             self._runtime_id = secrets.token_hex(16)
+        if not _context.params._has("rgroup"):
+            rgroup = None  # unset: pycapnp hands a null client in
         ref = await self._ctx.create_ref(self, description, self._runtime_id, rgroup, persistent)
         _context.results.id = ref
 
@@ -148,14 +165,28 @@ class ServiceDefinition:
 
 
 class ServiceBootstrap(Servant, core.Service.Server):
-    """Service for everybody: only restore, scoped to this service's refs."""
+    """Service for everybody: only restore, scoped to this service's refs.
 
-    def __init__(self, handler: Any) -> None:
-        self._handler = handler
+    The object is handed out through a proxy bound to the ref (core.membrane),
+    so revoking the ref cuts it and everything obtained through it."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
 
     async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
-        res = await self._handler.restore(objectInfo)
-        _context.results.obj = res.obj.as_interface(core.Persistable)
+        ctx = self._ctx
+        res = await ctx.handler.restore(objectInfo)
+        schema = ctx.interfaces.get(res.runtimeId)
+        if schema is None:
+            # Every object reaches persistence through createSturdyRef or a restorer,
+            # which both note its interface: an unknown one is not served unfenced.
+            log.warning("no interface known for a restored %s object", ctx.name)
+            raise errors.Unavailable("this object cannot be restored now; try again")
+        _context.results.obj = ctx.membranes.wrap(
+            bytes(res.refKey), bool(res.persistent), res.obj.as_interface(schema), schema)
+
+    async def dropAlias(self, objectInfo: bytes, **kwargs: Any) -> None:
+        await self._ctx.handler.dropAlias(objectInfo)
 
 
 class RestorerServer(Servant, persistence.Restorer.Server):
@@ -177,7 +208,17 @@ class RestorerServer(Servant, persistence.Restorer.Server):
         if isinstance(obj, PersistableMixin) and description.runtimeId:
             # The same stored object: new refs and forget() find its row again.
             obj._runtime_id = description.runtimeId
+        if description.runtimeId:
+            schema = getattr(obj, "schema", None)  # a server class's or a client's interface
+            if schema is not None:
+                self._service.ctx.interfaces[description.runtimeId] = schema
         _context.results.cap = obj
+
+    async def revoke(self, refs: Any, **kwargs: Any) -> None:
+        cut = self._service.ctx.membranes.revoke([bytes(r) for r in refs])
+        if cut:
+            log.info("revocation cut %d capabilit%s handed out by %s", cut,
+                     "y" if cut == 1 else "ies", self._service.name)
 
     async def wait(self, **kwargs: Any) -> None:
         await asyncio.shield(self._closed)
@@ -205,7 +246,7 @@ async def _serve(definition: type[ServiceDefinition]) -> int:
                 restorer = RestorerServer(service)
                 restorer_holder = (await handler.registerRestorer(restorer)).holder
                 registration = (await node_admin.registerNamedService(
-                    env.name, ServiceBootstrap(handler), service.admin())).holder
+                    env.name, ServiceBootstrap(ctx), service.admin())).holder
                 log.info("service %s registered", env.name)
                 try:
                     # Returns (or fails) only when persistence goes away.
@@ -216,6 +257,7 @@ async def _serve(definition: type[ServiceDefinition]) -> int:
                 return EXIT_RESTART
             finally:
                 await service.aclose()
+                await ctx.membranes.aclose()
                 await ctx.pool.aclose()
     finally:
         await supervisor.aclose()

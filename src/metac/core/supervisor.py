@@ -2,7 +2,8 @@
 
 Rules: explicit argv, no shell; each child gets its own process group and
 ``PR_SET_PDEATHSIG(SIGKILL)``, so it dies with its parent even after a
-``kill -9``; stdout/stderr go to a log file; a state file records pid and
+``kill -9``; stdout/stderr go to a size-capped, rotated log file
+(:mod:`metac.core.logfiles`); a state file records pid and
 start time so the next start can find survivors (``reap_orphans``); stopping
 is SIGTERM to the group, a grace period, then SIGKILL, and always awaited.
 """
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from metac import errors
+from metac.core.logfiles import LogFiles, LogPump, open_private
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class Child:
     state_file: str
     log_path: str
     started: float = field(default_factory=time.monotonic)
+    log_pump: LogPump | None = None
 
     @property
     def pid(self) -> int:
@@ -73,7 +76,14 @@ class Child:
         return self.process.returncode
 
     async def wait(self) -> int:
-        return await self.process.wait()
+        code = await self.process.wait()
+        self.drain_log()
+        return code
+
+    def drain_log(self) -> None:
+        """Copy what the exited child left in its log pipe (so its log file is complete)."""
+        if self.log_pump is not None:
+            self.log_pump.drain()
 
 
 class Supervisor:
@@ -86,6 +96,7 @@ class Supervisor:
         os.makedirs(self.proc_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         self.children: dict[str, Child] = {}
+        self.logs = LogFiles()
 
     async def spawn(
         self,
@@ -103,24 +114,32 @@ class Supervisor:
         if name in self.children:
             raise errors.AlreadyExists(f"child {name!r} already running")
         log_path = os.path.join(self.log_dir, f"{self.owner}.{name}.log")
-        logf = open(log_path, "ab") if log_to_file else None  # noqa: SIM115
+        # Output goes through a pipe we read, so its log file can be size-capped.
+        log_r, log_w = os.pipe() if log_to_file and (stdout is None or stderr is None) \
+            else (-1, -1)
+        logw = log_w if log_w >= 0 else None
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=stdin,
-                stdout=stdout if stdout is not None else logf,
-                stderr=stderr if stderr is not None else logf,
+                stdout=stdout if stdout is not None else logw,
+                stderr=stderr if stderr is not None else logw,
                 env=dict(env) if env is not None else None,
                 pass_fds=tuple(pass_fds),
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        except FileNotFoundError:
-            raise errors.MissingDependency(argv[0], os.path.basename(argv[0])) from None
+        except BaseException as exc:
+            if log_r >= 0:
+                os.close(log_r)
+            if isinstance(exc, FileNotFoundError):
+                raise errors.MissingDependency(argv[0], os.path.basename(argv[0])) from None
+            raise
         finally:
-            if logf is not None:
-                logf.close()
+            if log_w >= 0:
+                os.close(log_w)
+        pump = self.logs.pump(log_path, log_r) if log_r >= 0 else None
         state_file = os.path.join(self.proc_dir, f"{name}.json")
         record = {
             "argv": list(argv),
@@ -129,10 +148,10 @@ class Supervisor:
             "name": name,
         }
         tmp = state_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
+        with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
+            json.dump(record, f)  # argv may name secrets' files: not for other users
         os.replace(tmp, state_file)
-        child = Child(name, list(argv), process, state_file, log_path)
+        child = Child(name, list(argv), process, state_file, log_path, log_pump=pump)
         self.children[name] = child
         log.debug("started %s (pid %d)", name, process.pid)
         return child
@@ -161,11 +180,13 @@ class Supervisor:
                 await child.process.wait()
         # The leader may be gone while group members linger.
         _signal_group(child.pid, signal.SIGKILL)
+        child.drain_log()
         return child.process.returncode  # type: ignore[return-value]
 
     async def aclose(self, grace: float = 5.0) -> None:
         children = list(self.children.values())
         await asyncio.gather(*(self.stop(c, grace=grace) for c in children), return_exceptions=True)
+        self.logs.close()
 
     async def reap_orphans(self) -> list[str]:
         """Kill survivors of an earlier run of this owner (after a crash or kill -9)."""

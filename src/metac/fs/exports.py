@@ -30,7 +30,7 @@ from metac import errors
 from metac.core.service import Description, PersistableMixin
 from metac.core.streams import HandoffStreamServer
 from metac.core.supervisor import require_program
-from metac.fs import servers
+from metac.fs import servers, squash
 from metac.fs.resolve import Directory, Entry, parse_name
 from metac.fs.state import FsState
 from metac.schema.load import fs as fs_schema
@@ -73,12 +73,35 @@ class Exported(PersistableMixin):
         _MINTED[bytes(_context.results.id.objectInfo)] = weakref.ref(self)
 
 
-class _EntryExport(Exported):
-    """A File or BlockDevice: one name in a directory."""
+def describe_owner(desc: Description, who: squash.Identity | None) -> Description:
+    """``desc`` with whom the object acts as (see ``squash``)."""
+    if who is None:
+        desc.data["preserveOwners"] = True
+    else:
+        desc.data["owner"] = who.to_json()
+    return desc
 
-    def __init__(self, state: FsState, entry: Entry, read_only: bool = False) -> None:
+
+def described_owner(data: dict[str, Any], directory: Directory) -> squash.Identity | None:
+    if data.get("preserveOwners"):
+        return None
+    if "owner" in data:
+        return squash.Identity.from_json(data["owner"])
+    # described before owners were squashed: its directory's owner, from now on
+    return squash.Identity.of_fd(directory.fd)
+
+
+class _EntryExport(Exported):
+    """A File or BlockDevice: one name in a directory, used as ``owner`` (None: as root)."""
+
+    def __init__(self, state: FsState, entry: Entry, read_only: bool = False,
+                 owner: squash.Identity | None = None) -> None:
         super().__init__(state, read_only)
         self.entry = entry
+        self.owner = owner
+
+    def _describe(self) -> Description:
+        return describe_owner(super()._describe(), self.owner)
 
     @property
     def path(self) -> str:
@@ -86,7 +109,8 @@ class _EntryExport(Exported):
 
     def _view(self, cls: type[_EntryExport], read_only: bool) -> Any:
         """The same entry as a ``cls`` (with a handle of its own)."""
-        return cls(self._state, Entry(self.entry.parent.dup(), self.entry.name), read_only)
+        return cls(self._state, Entry(self.entry.parent.dup(), self.entry.name), read_only,
+                   self.owner)
 
 
 def logged(serve: Any, what: str) -> Any:
@@ -109,30 +133,74 @@ def protocol_stream(state: FsState, owner: Any, protocol: str, serve: Any) -> Ha
         description=Description("stream", {"protocol": protocol}, caps=[owner]))
 
 
+#: ``FilesystemServer.owner`` of the admin's root filesystem (``FilesystemNamespace.filesystem``):
+#: it acts as the owner of its own directory, and each subtree taken from it as the
+#: owner of that subtree's directory (what `metac fs export local:/PATH` makes).
+OWN_DIRECTORY = "own-directory"
+
+
 class FilesystemServer(Exported, fs_schema.Filesystem.Server):
+    """A directory. ``owner`` is whom its data-plane servers act as (``squash``):
+    an ``Identity`` fixed when it was exported and inherited by everything derived
+    from it, ``OWN_DIRECTORY``, or None to preserve owners (root-equivalent)."""
+
     CATEGORY = "filesystem"
 
-    def __init__(self, state: FsState, directory: Directory, read_only: bool = False) -> None:
+    def __init__(self, state: FsState, directory: Directory, read_only: bool = False,
+                 owner: squash.Identity | str | None = OWN_DIRECTORY) -> None:
         super().__init__(state, read_only)
         self.directory = directory
+        self.owner = owner
 
     @property
     def path(self) -> str:
         return self.directory.path
 
+    @property
+    def preserve_owners(self) -> bool:
+        return self.owner is None
+
+    def acting_as(self) -> squash.Identity | None:
+        """The identity its servers run as (None: root, preserving owners)."""
+        if self.owner == OWN_DIRECTORY:
+            return squash.Identity.of_fd(self.directory.fd)
+        assert self.owner is None or isinstance(self.owner, squash.Identity)
+        return self.owner
+
+    def _serving_as(self) -> squash.Identity | None:
+        """``acting_as``, failing now (not after tcpListen) if this host cannot squash."""
+        who = self.acting_as()
+        if who is not None:
+            require_program("setpriv", "util-linux")
+            squash.seccomp_program()  # Unsupported on a machine without a filter
+        return who
+
+    def _derived(self, directory: Directory, read_only: bool) -> FilesystemServer:
+        """A view of ``directory`` (this one or below it) with this one's owner rule:
+        a fixed identity is inherited; the admin's root gives each subtree its owner."""
+        owner = (squash.Identity.of_fd(directory.fd) if self.owner == OWN_DIRECTORY
+                 else self.owner)
+        return FilesystemServer(self._state, directory, read_only, owner)
+
+    def _describe(self) -> Description:
+        return describe_owner(super()._describe(), self.acting_as())
+
     async def getSubtree(self, name: str, _context: Any, **kwargs: Any) -> None:
         sub = self.directory.subdir(parse_name(name))
-        _context.results.fs = FilesystemServer(self._state, sub, self.read_only)
+        _context.results.fs = self._derived(sub, self.read_only)
 
     async def getFile(self, name: str, _context: Any, **kwargs: Any) -> None:
         entry = Entry.resolve(self.directory, name)
-        _context.results.file = FileServer(self._state, entry, self.read_only)
+        owner = (squash.Identity.of_fd(entry.parent.fd) if self.owner == OWN_DIRECTORY
+                 else self.owner)
+        _context.results.file = FileServer(self._state, entry, self.read_only, owner)
 
     def stream_9p(self) -> HandoffStreamServer:
         require_program("diod", "diod")
         require_program("bwrap", "bubblewrap")
-        serve = functools.partial(servers.serve_9p, self._state.supervisor, self.directory,
-                                  self.read_only)
+        serve = functools.partial(servers.serve_9p, self._state.supervisor,
+                                  self._state.identity_dir, self.directory, self.read_only,
+                                  self._serving_as())
         return protocol_stream(self._state, self, "9p", serve)
 
     def stream_sftp(self) -> HandoffStreamServer:
@@ -140,7 +208,8 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
             raise errors.MissingDependency(servers.SFTP_SERVER, "openssh-sftp-server")
         require_program("bwrap", "bubblewrap")
         serve = functools.partial(servers.serve_sftp, self._state.supervisor,
-                                  self._state.identity_dir, self.directory, self.read_only)
+                                  self._state.identity_dir, self.directory, self.read_only,
+                                  self._serving_as())
         return protocol_stream(self._state, self, "sftp", serve)
 
     async def v9fsStream(self, _context: Any, **kwargs: Any) -> None:
@@ -150,7 +219,7 @@ class FilesystemServer(Exported, fs_schema.Filesystem.Server):
         _context.results.stream = self.stream_sftp()
 
     async def readOnly(self, _context: Any, **kwargs: Any) -> None:
-        _context.results.fs = FilesystemServer(self._state, self.directory.dup(), True)
+        _context.results.fs = self._derived(self.directory.dup(), True)
 
     async def info(self, _context: Any, **kwargs: Any) -> None:
         info = _context.results.init("info")
@@ -162,9 +231,11 @@ class FileServer(_EntryExport, fs_schema.File.Server):
     CATEGORY = "file"
 
     async def openAsStream(self, _context: Any, **kwargs: Any) -> None:
-        os.close(self.entry.open_regular(os.O_RDONLY))  # fail now, not after tcpListen
+        # fail now, not after tcpListen
+        os.close(self.entry.open_regular(os.O_RDONLY, owner=self.owner))
         _context.results.stream = protocol_stream(
-            self._state, self, "read", functools.partial(servers.send_file, self.entry))
+            self._state, self, "read",
+            functools.partial(servers.send_file, self.entry, self.owner))
 
     async def openForWrite(self, append: bool, _context: Any, **kwargs: Any) -> None:
         if self.read_only:
@@ -174,7 +245,8 @@ class FileServer(_EntryExport, fs_schema.File.Server):
             raise errors.PermissionDenied(f"{self.entry.name}: is a symlink (not followed)")
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise errors.FailedPrecondition(f"{self.entry.name}: not a regular file")
-        serve = functools.partial(servers.receive_file, self.entry, bool(append))
+        self.entry.check_access(self.owner, st, write=True)
+        serve = functools.partial(servers.receive_file, self.entry, bool(append), self.owner)
         _context.results.stream = HandoffStreamServer(self._state.streams,
                                                       logged(serve, "write"), name="write")
 
@@ -227,8 +299,9 @@ class BlockDeviceServer(_EntryExport, fs_schema.BlockDevice.Server):
 
 
 def restore_filesystem(state: FsState, data: dict[str, Any]) -> FilesystemServer:
-    return FilesystemServer(state, Directory.open_absolute(str(data["path"])),
-                            bool(data.get("readOnly")))
+    directory = Directory.open_absolute(str(data["path"]))
+    return FilesystemServer(state, directory, bool(data.get("readOnly")),
+                            described_owner(data, directory))
 
 
 def _entry_at(path: str) -> Entry:
@@ -239,11 +312,15 @@ def _entry_at(path: str) -> Entry:
 
 
 def restore_file(state: FsState, data: dict[str, Any]) -> FileServer:
-    return FileServer(state, _entry_at(str(data["path"])), bool(data.get("readOnly")))
+    entry = _entry_at(str(data["path"]))
+    return FileServer(state, entry, bool(data.get("readOnly")),
+                      described_owner(data, entry.parent))
 
 
 def restore_block(state: FsState, data: dict[str, Any]) -> BlockDeviceServer:
-    return BlockDeviceServer(state, _entry_at(str(data["path"])), bool(data.get("readOnly")))
+    entry = _entry_at(str(data["path"]))
+    return BlockDeviceServer(state, entry, bool(data.get("readOnly")),
+                             described_owner(data, entry.parent))
 
 
 async def restore_stream(state: FsState, data: dict[str, Any], caps: list[Any]) -> Any:

@@ -20,12 +20,15 @@ ipc and uts namespaces are private (the data connection is an fd the server
 inherits, so it needs no network). Capabilities are dropped except those the
 program needs to serve files of several owners as root; never
 ``CAP_DAC_READ_SEARCH`` (``open_by_handle_at`` escapes bind mounts),
-``CAP_SYS_ADMIN`` or ``CAP_MKNOD``.
+``CAP_SYS_ADMIN`` or ``CAP_MKNOD``. A squashed server (the default, see
+``squash``) gets only what ``setpriv`` needs to become the export's owner, and a
+seccomp filter (``--seccomp FD``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import subprocess
 from collections.abc import Sequence
@@ -113,18 +116,26 @@ class Sandbox:
     binds: list[tuple[int, str, bool]] = field(default_factory=list)  # (fd, dest, read_only)
     data_files: list[tuple[str, str]] = field(default_factory=list)  # (host path, dest), ro
     chdir: str = "/"
+    seccomp_fd: int = -1  # a compiled filter bwrap loads before exec (squash.seccomp_fd)
 
     def argv(self, bwrap: str = "bwrap") -> list[str]:
         argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid",
                 "--unshare-net", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]
         for cap in self.caps:
             argv += ["--cap-add", cap]
+        if self.seccomp_fd >= 0:
+            argv += ["--seccomp", str(self.seccomp_fd)]
         links: dict[str, str] = {}
         reals: list[str] = []
         for path in self.files:
             chain, real = symlink_chain(path)
             links.update(chain)
             reals.append(real)
+        # Directories bwrap would make on the way are 0700: a server that runs as the
+        # export's owner (not root) could not reach its own program. Make them 0755.
+        dests = [*reals, *links, *(d for _, d in self.data_files), *(d for _, d, _ in self.binds)]
+        for parent in sorted({os.path.dirname(d) for d in dests} - {"/"}):
+            argv += ["--perms", "0755", "--dir", parent]
         for real in dict.fromkeys(reals):
             argv += ["--ro-bind", real, real]
         for link, target in links.items():
@@ -139,19 +150,22 @@ class Sandbox:
 
     @property
     def pass_fds(self) -> list[int]:
-        return [fd for fd, _, _ in self.binds]
+        fds = [fd for fd, _, _ in self.binds]
+        return fds + [self.seccomp_fd] if self.seccomp_fd >= 0 else fds
 
 
 def bwrap() -> str:
     return require_program("bwrap", "bubblewrap")
 
 
-def identity_files(directory: str) -> list[tuple[str, str]]:
-    """Synthetic /etc/passwd and /etc/group (root and nobody only) for programs that look up uid 0."""
+def identity_files(directory: str, extra: tuple[str, str] = ("", "")) -> list[tuple[str, str]]:
+    """Synthetic /etc/passwd and /etc/group (root and nobody, plus the ``extra`` passwd and
+    group lines) for programs that look up users."""
     os.makedirs(directory, mode=0o755, exist_ok=True)
     out = []
-    for name, text in (("passwd", PASSWD), ("group", GROUP)):
-        path = os.path.join(directory, name)
+    suffix = "." + hashlib.sha256("".join(extra).encode()).hexdigest()[:12] if any(extra) else ""
+    for name, text in (("passwd", PASSWD + extra[0]), ("group", GROUP + extra[1])):
+        path = os.path.join(directory, name + suffix)
         try:
             with open(path) as f:
                 current = f.read()

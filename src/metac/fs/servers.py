@@ -22,17 +22,22 @@ import socket
 import stat
 import subprocess
 import threading
+from typing import Any
 
 from metac import errors
 from metac.core.pump import Endpoint
 from metac.core.supervisor import Supervisor, require_program
 from metac.fs import sandbox as sb
-from metac.fs import sftpfilter
+from metac.fs import sftpfilter, squash
 from metac.fs.resolve import Directory, Entry
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 CHILD_GRACE = 2.0
 RECV_CHUNK = 1 << 20
+#: diod running as uid 0 sets its threads' supplementary groups at start and exits
+#: without CAP_SETGID; squashed to a root-owned export it keeps that one capability
+#: (with -S every attach is root with root's groups, and the filter still holds).
+DIOD_ROOT_KEEPS = ("setgid",)
 
 
 async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.Sandbox, *,
@@ -111,42 +116,84 @@ class RequestPump:
                 os.close(fd)
 
 
-async def serve_9p(supervisor: Supervisor, directory: Directory, read_only: bool,
-                   endpoint: Endpoint) -> None:
-    """diod serving ``directory`` (as aname /export) on the connection's fd."""
-    diod = require_program("diod", "diod")
-    fd = endpoint.read_fd
-    argv = [diod, "-f", "-r", str(fd), "-w", str(fd), "-n", "-N", "-L", "stderr",
-            "-e", sb.EXPORT_DIR]
+def squashed_box(program: list[str], files: tuple[str, ...], owner: squash.Identity,
+                 binds: list[tuple[int, str, bool]], identity_dir: str,
+                 keep: tuple[str, ...] = ()) -> sb.Sandbox:
+    """``program`` run as ``owner`` with no capability (but ``keep`` if ``owner`` is
+    root) and the setuid/setgid filter (``squash``); the caller closes ``seccomp_fd``."""
+    setpriv = require_program("setpriv", "util-linux")
+    fd = squash.seccomp_fd()
+    return sb.Sandbox([*squash.become_argv(setpriv, owner, keep), *program],
+                      (*files, *sb.program_files(setpriv)), squash.CAPS_SWITCH, binds=binds,
+                      data_files=sb.identity_files(identity_dir, squash.identity_lines(owner)),
+                      chdir=sb.EXPORT_DIR, seccomp_fd=fd)
+
+
+def diod_argv(diod: str, fd: int, read_only: bool, owner: squash.Identity | None) -> list[str]:
+    """diod on one inherited connection. Squashed (``owner`` given), it runs as that
+    user (``-S``: every attach is mapped to it, and as a non-root diod it switches no
+    ids); preserving owners, it runs as root with ``-N`` and switches fsuid per request."""
+    argv = [diod, "-f", "-r", str(fd), "-w", str(fd), "-n", "-L", "stderr", "-e", sb.EXPORT_DIR]
+    argv += ["-S", "-U", squash.OWNER_NAME] if owner is not None else ["-N"]
     if read_only:
         argv += ["-o", "ro"]
+    return argv
+
+
+def sftp_argv(read_only: bool) -> list[str]:
+    """sftp-server with umask 0 (``-u 0``): the client already applied its own umask to
+    the modes it sends, so the server must not mask them again."""
+    return [SFTP_SERVER, "-e", "-d", sb.EXPORT_DIR, "-u", "0", *(["-R"] if read_only else [])]
+
+
+def file_server_box(program: list[str], files: tuple[str, ...], caps: tuple[str, ...],
+                    own: Directory, read_only: bool, owner: squash.Identity | None,
+                    identity_dir: str, keep: tuple[str, ...] = ()) -> sb.Sandbox:
+    """The sandbox of a directory server: squashed to ``owner`` (keeping ``keep`` if
+    that is root), or root with ``caps``."""
+    binds = [(own.fd, sb.EXPORT_DIR, read_only)]
+    if owner is not None:
+        return squashed_box(program, files, owner, binds, identity_dir, keep)
+    return sb.Sandbox(program, files, caps, binds=binds,
+                      data_files=sb.identity_files(identity_dir), chdir=sb.EXPORT_DIR)
+
+
+async def _serve_directory(supervisor: Supervisor, box_of: Any, directory: Directory,
+                           endpoint: Endpoint, *, name: str, stdio: bool,
+                           filter_requests: bool = False) -> None:
     own = directory.dup()
+    box = None
     try:
-        box = sb.Sandbox(argv, sb.program_files(diod), sb.CAPS_DIOD,
-                         binds=[(own.fd, sb.EXPORT_DIR, read_only)], chdir=sb.EXPORT_DIR)
-        await run_on_connection(supervisor, endpoint, box, name="diod", stdio=False)
+        box = box_of(own)
+        await run_on_connection(supervisor, endpoint, box, name=name, stdio=stdio,
+                                filter_requests=filter_requests)
     finally:
         own.close()
+        if box is not None and box.seccomp_fd >= 0:
+            os.close(box.seccomp_fd)
+
+
+async def serve_9p(supervisor: Supervisor, identity_dir: str, directory: Directory,
+                   read_only: bool, owner: squash.Identity | None, endpoint: Endpoint) -> None:
+    """diod serving ``directory`` (as aname /export) on the connection's fd."""
+    diod = require_program("diod", "diod")
+    argv = diod_argv(diod, endpoint.read_fd, read_only, owner)
+    await _serve_directory(supervisor, lambda own: file_server_box(
+        argv, sb.program_files(diod), sb.CAPS_DIOD, own, read_only, owner, identity_dir,
+        DIOD_ROOT_KEEPS), directory, endpoint, name="diod", stdio=False)
 
 
 async def serve_sftp(supervisor: Supervisor, identity_dir: str, directory: Directory,
-                     read_only: bool, endpoint: Endpoint) -> None:
+                     read_only: bool, owner: squash.Identity | None, endpoint: Endpoint) -> None:
     """sftp-server (no SSH layer) serving ``directory`` (as /export) on stdin/stdout."""
     if not os.access(SFTP_SERVER, os.X_OK):
         raise errors.MissingDependency(SFTP_SERVER, "openssh-sftp-server")
-    argv = [SFTP_SERVER, "-e", "-d", sb.EXPORT_DIR]
-    if read_only:
-        argv.append("-R")
-    own = directory.dup()
-    try:
-        box = sb.Sandbox(argv, sb.program_files(SFTP_SERVER), sb.CAPS_FILE_SERVER,
-                         binds=[(own.fd, sb.EXPORT_DIR, read_only)],
-                         data_files=sb.identity_files(identity_dir), chdir=sb.EXPORT_DIR)
-        # SETSTAT becomes lsetstat (never follows a symlink) where the server has it.
-        await run_on_connection(supervisor, endpoint, box, name="sftp-server", stdio=True,
-                                filter_requests=sftpfilter.server_has_lsetstat(SFTP_SERVER))
-    finally:
-        own.close()
+    # SETSTAT becomes lsetstat (never follows a symlink) where the server has it.
+    await _serve_directory(supervisor, lambda own: file_server_box(
+        sftp_argv(read_only), sb.program_files(SFTP_SERVER), sb.CAPS_FILE_SERVER, own,
+        read_only, owner, identity_dir),
+        directory, endpoint, name="sftp-server", stdio=True,
+        filter_requests=sftpfilter.server_has_lsetstat(SFTP_SERVER))
 
 
 @functools.lru_cache(maxsize=1)
@@ -202,9 +249,9 @@ async def _finish(sock: socket.socket, timeout: float = 30.0) -> None:
                 pass
 
 
-async def send_file(entry: Entry, endpoint: Endpoint) -> None:
+async def send_file(entry: Entry, owner: squash.Identity | None, endpoint: Endpoint) -> None:
     """The file's bytes, then EOF (sendfile: no copy through this process)."""
-    fd = entry.open_regular(os.O_RDONLY)
+    fd = entry.open_regular(os.O_RDONLY, owner=owner)
     sock = _socket_of(endpoint)
     try:
         with open(fd, "rb", closefd=True) as f:
@@ -216,10 +263,11 @@ async def send_file(entry: Entry, endpoint: Endpoint) -> None:
         sock.close()
 
 
-async def receive_file(entry: Entry, append: bool, endpoint: Endpoint) -> None:
+async def receive_file(entry: Entry, append: bool, owner: squash.Identity | None,
+                       endpoint: Endpoint) -> None:
     """Write what arrives until EOF to the file, fsync, then close (see File.openForWrite)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = entry.open_regular(flags)
+    fd = entry.open_regular(flags, owner=owner)
     sock = _socket_of(endpoint)
     loop = asyncio.get_running_loop()
     buf = bytearray(RECV_CHUNK)

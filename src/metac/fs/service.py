@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import weakref
 from typing import Any
 
 from metac import errors
@@ -65,9 +66,10 @@ def check_mount_point(path: str) -> str:
 async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, Any, SturdyRef]:
     """(our own object or None, a capability over our connection, its ref) for ``cap``.
 
-    Every call into ``cap`` is bounded, and a ref naming a private address other
-    than this node's is refused (``core.untrusted``)."""
-    res = await bounded(cap.cast_as(interface).createSturdyRef(persistent=False),
+    The ref is an alias of the grant ``cap`` came through. Every call into ``cap`` is
+    bounded, and a ref naming a private address other than this node's is refused
+    (``core.untrusted``)."""
+    res = await bounded(cap.cast_as(interface).createSturdyRef(persistent=False, alias=True),
                         "the capability")
     try:
         ref = ref_from_struct(res.id)
@@ -78,6 +80,16 @@ async def _adopt(ctx: ServiceContext, cap: Any, interface: Any) -> tuple[Any, An
     local = exports.local_object(ref.secret_bytes)
     restored = await bounded(ctx.pool.restore(ref, interface), f"node {ref.node}")
     return local, restored, ref
+
+
+async def _start(session: Any, alias: SturdyRef) -> None:
+    """Start a session on an adopted capability; its alias ref goes when it ends."""
+    session.alias = alias
+    try:
+        await session.start()
+    except BaseException:
+        await session.drop_alias()
+        raise
 
 
 class _ActionHolder(PersistableMixin, HolderServer):
@@ -111,6 +123,7 @@ class _ActionHolder(PersistableMixin, HolderServer):
         self._state = state
         self._runtime_id = session_id
         self.session = session
+        session.on_revoked = weakref.WeakMethod(self.close)
         #: Made persistent (in this run, or restored); `metac fs ls` shows it.
         self.persistent = persistent
         table[session_id] = self
@@ -173,7 +186,8 @@ class MountHolder(_ActionHolder):
         data: dict[str, Any] = {"id": s.id, "path": s.path, "method": s.wanted,
                                 "readOnly": s.read_only, "source": s.source}
         if s.local is not None:
-            data["local"] = {"path": s.local.directory.path, "readOnly": s.local.read_only}
+            data["local"] = {"path": s.local.directory.path, "readOnly": s.local.read_only,
+                             "preserveOwners": True}  # only those are bind-mounted
         return data
 
     def fill(self, info: Any) -> None:
@@ -219,6 +233,10 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
     async def filesystem(self, _context: Any, **kwargs: Any) -> None:
         _context.results.fs = exports.FilesystemServer(self._state, Directory.open_root())
 
+    async def filesystemPreservingOwners(self, _context: Any, **kwargs: Any) -> None:
+        _context.results.fs = exports.FilesystemServer(self._state, Directory.open_root(),
+                                                       owner=None)
+
     async def mount(self, path: str, fs: Any, _context: Any, **kwargs: Any) -> None:
         _context.results.holder = await self._mount(path, fs, "", False, False)
 
@@ -237,11 +255,19 @@ class NamespaceServer(PersistableMixin, fs_schema.FilesystemNamespace.Server):
         local, cap, ref = await _adopt(state.ctx, fs, fs_schema.Filesystem)
         if not isinstance(local, exports.FilesystemServer):
             local = None
+        elif not local.preserve_owners:
+            # A bind mount would let whoever uses the mount (a container's root) act as
+            # root on the directory: a squashed one of ours is served like a remote one.
+            if method == "bind":
+                raise errors.PermissionDenied(
+                    "a bind mount is root on the directory; only a filesystem exported "
+                    "with --preserve-owners (or a local: path) can be bind-mounted")
+            local = None
         session = MountSession(state, mount_id=state.new_id(), path=path, method=method,
                                read_only=read_only, fs_cap=cap, local=local,
                                source="local" if local is not None else shown_node(ref))
         session.node = ref.node
-        await session.start()
+        await _start(session, ref)
         return MountHolder(state, session, keep=keep)
 
     async def listMounts(self, _context: Any, **kwargs: Any) -> None:
@@ -263,7 +289,7 @@ class AdminServer(Servant, fs_schema.FilesystemServiceAdmin.Server):
         session = Attachment(state, attach_id=state.new_id(), read_only=bool(options.readOnly),
                              mount_path=mount_path, device_cap=cap, source=shown_node(ref))
         session.node = ref.node
-        await session.start()
+        await _start(session, ref)
         _context.results.path = session.device
         _context.results.holder = AttachHolder(state, session, keep=bool(options.keep))
 

@@ -9,6 +9,11 @@ After ``start`` a watcher waits for the connection to break. A persistent
 session (one with a ``target``, a persistent ref of what it uses) then restores
 the target anew from its node and connects again, with backoff, until it is
 closed; a non-persistent one stays disconnected until it is closed.
+
+Either way, if the serving node answers that the grant was revoked (NotFound
+from the capability, or from restoring the target), the session releases its
+holder (``on_revoked``): the mount or attachment goes away for good instead of
+waiting as a placeholder for a ref that cannot come back.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 15.0
+PROBE_TIMEOUT = 5.0  # asking the serving node whether the grant still exists
 
 
 class Session:
@@ -47,10 +54,14 @@ class Session:
         self.target = target  # persistent ref of what is used: set when persistent
         # The address of the node serving ``cap`` (its streams must answer it).
         self.node: str | None = target.node if target is not None else None
+        #: The alias ref made on the serving node to reach ``cap``; dropped on close.
+        self.alias: SturdyRef | None = None
         self.method = ""
         self.status = "connecting"
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
+        #: Releases the session's holder (set by it, a weak method: no cycle).
+        self.on_revoked: weakref.WeakMethod[Any] | None = None
 
     @property
     def persistent(self) -> bool:
@@ -133,13 +144,21 @@ class Session:
                 log.warning("%s (%s) lost its connection", self.what, self.source)
                 self.status = "disconnected"
                 await self._lost()
+                if await self._grant_revoked():
+                    self._release_revoked()
+                    return
             if self.target is None:
                 return  # stays disconnected until closed
             connected = False
             try:
-                self.cap = await bounded(
-                    self.state.ctx.pool.restore(self.target, self.INTERFACE),
-                    f"node {self.target.node}")
+                try:
+                    self.cap = await bounded(
+                        self.state.ctx.pool.restore(self.target, self.INTERFACE),
+                        f"node {self.target.node}")
+                except errors.NotFound:
+                    await self._lost()
+                    self._release_revoked()
+                    return
                 self.node = self.target.node
                 await self._connect()
                 connected = True
@@ -153,6 +172,35 @@ class Session:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
+    async def drop_alias(self) -> None:
+        alias, self.alias = self.alias, None
+        if alias is None:
+            return
+        try:
+            await asyncio.wait_for(self.state.ctx.pool.drop_alias(alias), PROBE_TIMEOUT)
+        except Exception as exc:  # gone already (revoked, node restarted) or unreachable
+            log.info("%s: the alias ref on %s was not dropped (%s)", self.what, self.source,
+                     errors.from_kj(exc) if not isinstance(exc, TimeoutError) else "timeout")
+
+    async def _grant_revoked(self) -> bool:
+        """Did the serving node revoke what we use (rather than go away)?"""
+        if self.cap is None:
+            return False
+        try:
+            await asyncio.wait_for(self.cap.cast_as(self.INTERFACE).info(), PROBE_TIMEOUT)
+        except errors.NotFound:
+            return True
+        except Exception as exc:
+            return isinstance(errors.from_kj(exc), errors.NotFound)
+        return False
+
+    def _release_revoked(self) -> None:
+        log.warning("%s (%s): its ref was revoked; releasing it", self.what, self.source)
+        release = self.on_revoked() if self.on_revoked is not None else None
+        if release is not None:
+            # Not awaited here: releasing closes this session, which cancels this watcher.
+            self.state.streams.spawn(release(), f"release revoked {self.what}")
+
     async def close(self) -> None:
         """Undo it for good and forget the record."""
         self._closed = True
@@ -162,6 +210,7 @@ class Session:
             await asyncio.gather(watcher, return_exceptions=True)
         await self._teardown()
         await self._released()
+        await self.drop_alias()
         self.status = "released"
         self._drop_record()
         log.info("released %s (%s)", self.what, self.source)

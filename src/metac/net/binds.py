@@ -102,7 +102,9 @@ async def adopt(net: Net, cap: Any, *, persistent: bool) -> tuple[SturdyRef | No
     """
     try:
         res = await asyncio.wait_for(
-            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent), call_timeout())
+            cap.cast_as(core.Persistable).createSturdyRef(persistent=persistent,
+                                                          alias=not persistent),
+            call_timeout())
     except Exception as exc:
         log.info("cannot make a ref of the other interface (%s); keeping the capability",
                  errors.from_kj(exc))
@@ -132,6 +134,8 @@ class Bind:
         self.other_dev = other_dev
         self.other = other
         self.other_ref = other_ref
+        #: The alias ref adopt() made on the peer's node (a non-persistent bind's way back).
+        self.alias: SturdyRef | None = None
         self.persistent = persistent
         self.state = "connecting"
         self.peer = other_dev.name if other_dev else ""
@@ -346,10 +350,23 @@ class Bind:
         if not shutdown:
             await self._forget()
         await self._teardown_plane()  # also releases the peer's end
+        if not shutdown:
+            await self.drop_alias()
         self.state = "released"
         log.info("unbound %s (bind %s)", self.this.name, self.id)
         if not shutdown:
             self._net.collect_soon()  # owned devices go now, not at the next periodic collection
+
+    async def drop_alias(self) -> None:
+        """Drop the alias ref made on the peer's node to reach it (see adopt)."""
+        alias, self.alias = self.alias, None
+        if alias is None:
+            return
+        try:
+            await asyncio.wait_for(self._net.ctx.pool.drop_alias(alias), CALL_TIMEOUT)
+        except Exception as exc:  # gone already (revoked, node restarted) or unreachable
+            log.info("bind %s: the alias ref on its peer was not dropped (%s)", self.id,
+                     errors.from_kj(exc) if not isinstance(exc, TimeoutError) else "timeout")
 
     async def _forget(self) -> None:
         """Revoke the bind's sturdy refs (it must not come back) and drop its peer's ref."""
@@ -381,7 +398,12 @@ async def open_bind(net: Net, this: Device, other: Any) -> Bind:
         await check_bindable(net, this)
         ref, cap = await adopt(net, other, persistent=False)
         bind = Bind(net, bind_id=bind_id, this=this, other=cap, other_ref=ref)
-    await bind.establish()
+        bind.alias = ref
+    try:
+        await bind.establish()
+    except BaseException:
+        await bind.drop_alias()
+        raise
     bind.activate()
     return bind
 

@@ -25,8 +25,10 @@ class _Slot:
 class Registry:
     """The services this node knows; ``get`` waits a while for a configured one."""
 
-    def __init__(self, configured: list[str]) -> None:
+    def __init__(self, configured: list[str], unavailable: dict[str, str] | None = None) -> None:
         self._slots: dict[str, _Slot] = {name: _Slot() for name in configured}
+        #: Services this node does not run, and why (a node not running as root).
+        self._unavailable = dict(unavailable or {})
 
     @property
     def names(self) -> list[str]:
@@ -62,6 +64,9 @@ class Registry:
 
     async def get(self, name: str, timeout: float) -> Registration:
         slot = self._slots.get(name)
+        if slot is None and name in self._unavailable:
+            raise errors.Unavailable(f"service {name!r} does not run on this node: "
+                                     f"{self._unavailable[name]}")
         if slot is None:
             raise errors.NotFound(f"no service named {name[:64]!r} on this node")
         loop = asyncio.get_running_loop()

@@ -31,6 +31,12 @@ class NodeServer(Servant, core.Node.Server):
         self._registry = registry
         self._address = address
         self._peer = peer
+        self._handed_out = False
+
+    def _holds_capabilities(self) -> bool:
+        # Until getService, the peer holds nothing but this bootstrap (cheap to
+        # get again): an idle connection in that state may be closed.
+        return self._handed_out
 
     async def address(self, _context: Any, **kwargs: Any) -> None:
         addr = _context.results.init("address")
@@ -38,6 +44,7 @@ class NodeServer(Servant, core.Node.Server):
         addr.port = 0 if self._address[1] == 901 else self._address[1]
 
     async def getService(self, name: str, _context: Any, **kwargs: Any) -> None:
+        self._handed_out = True
         reg = await self._registry.get(_check_name(name), SERVICE_WAIT)
         _context.results.service = reg.service
 

@@ -4,11 +4,21 @@ The live-object cache maps stored object ids to capabilities. It is filled by
 createSturdyRef (the live object) and by restoring (the restorer's result), and
 emptied per service when that service's restorer goes away, so a restarted
 service's objects are restored afresh instead of being handed out broken.
+
+Every revocation (``deleteRef``, ``dropGroup``, ``forget``, a parent's) is told
+to the services whose refs went (``Restorer.revoke``), which cut what they
+handed out through them (core.membrane). A ref minted through another one is
+its child (``adoptChild``); ``METAC_REF_CHILD_QUOTA`` (default 1000) bounds the
+children of one ref, and ten times as many aliases (refs services make to adopt
+a capability; they are dropped when the adopting action ends). Resource groups
+are checked by the secret token of the group object this service issued, never
+by the name a caller's object gives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -21,11 +31,11 @@ from metac.codec.refs import SturdyRef
 from metac.core.client import NodePool, ref_from_struct, ref_to_struct
 from metac.core.holder import HolderServer
 from metac.core.paths import ServiceEnv, admin_socket
-from metac.core.process import run_daemon
+from metac.core.process import FatalError, run_daemon
 from metac.core.rpc import Servant, connect_unix
-from metac.core.sealing import load_or_create_key, seal, unseal
+from metac.core.sealing import seal, unseal
 from metac.core.tasks import TaskSet
-from metac.persistence.store import Store, secret_hash, short_id_of
+from metac.persistence.store import Revoked, Store, open_state, secret_hash, short_id_of
 from metac.schema.load import core, persistence
 
 log = logging.getLogger("metac.persistence")
@@ -35,6 +45,19 @@ RESTORER_WAIT = 30.0  # how long a restore waits for a (re)starting service
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 ACTIVE_RETRY_MAX = 60.0  # active objects are retried for as long as their service runs
+GROUP_TIMEOUT = 5.0  # a resource group handed in must answer token() within this
+NOTIFY_TIMEOUT = 5.0  # a service must take a revocation notice within this
+CHILD_QUOTA_DEFAULT = 1000
+ALIAS_FACTOR = 10  # aliases a ref may have, per child it may have
+
+
+def child_quota() -> int:
+    """Children one ref may have (``METAC_REF_CHILD_QUOTA``)."""
+    try:
+        value = int(os.environ.get("METAC_REF_CHILD_QUOTA", ""))
+    except ValueError:
+        return CHILD_QUOTA_DEFAULT
+    return value if value >= 0 else CHILD_QUOTA_DEFAULT
 
 
 class Persistence:
@@ -52,6 +75,8 @@ class Persistence:
         self.locks: dict[int, asyncio.Lock] = {}
         self.pool = NodePool()
         self.tasks = TaskSet()
+        self.groups: dict[str, GroupServer] = {}  # the group objects we issued, by name
+        self.child_quota = child_quota()
 
     # --- ownership of background work ---
 
@@ -85,6 +110,41 @@ class Persistence:
     def drop_live_of(self, service: str) -> None:
         self.drop_live([oid for oid, svc in self.live_service.items() if svc == service])
 
+    def revoked(self, revoked: Revoked, dropped: list[int]) -> None:
+        """Forget the dropped objects; tell each service which of its refs went."""
+        self.drop_live(dropped)
+        by_service: dict[str, list[bytes]] = {}
+        for digest, service in revoked:
+            by_service.setdefault(service, []).append(digest)
+        for service, digests in by_service.items():
+            restorer = self.restorers.get(service)
+            if restorer is not None:
+                self.spawn(_notify(service, restorer, digests), f"revoke refs of {service}")
+
+    # --- groups ---
+
+    def issue_group(self, name: str) -> GroupServer:
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = GroupServer(name)
+        return group
+
+    async def group_id_of(self, group: Any) -> int:
+        """The stored id of a group we issued; PermissionDenied for anything else."""
+        try:
+            token = bytes((await asyncio.wait_for(group.token(), GROUP_TIMEOUT)).token)
+        except TimeoutError:
+            raise errors.PermissionDenied(
+                f"the resource group did not answer within {GROUP_TIMEOUT:g} s") from None
+        except Exception:
+            raise errors.PermissionDenied("not a resource group of this node") from None
+        for name, issued in self.groups.items():
+            if hmac.compare_digest(token, issued.secret):
+                group_id = self.store.group_id(name)
+                if group_id is not None:
+                    return group_id
+        raise errors.PermissionDenied("not a resource group of this node")
+
     # --- restorers ---
 
     def set_restorer(self, service: str, restorer: Any | None) -> None:
@@ -114,11 +174,34 @@ class Persistence:
     # --- restoring ---
 
     async def restore_secret(self, service: str | None, secret: bytes) -> Any:
+        return (await self.restore_row(service, secret))[1]
+
+    async def restore_row(self, service: str | None, secret: bytes) -> tuple[Any, Any]:
+        """(the ref's row, its live object)."""
         row = self.store.lookup(secret_hash(secret))
         if row is None or (service is not None and row.service != service):
             # Same answer for unknown, revoked and wrong-service refs.
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
-        return await self.live_object(row.object_id)
+        return row, await self.live_object(row.object_id)
+
+    def adopt_child(self, service: str, parent: bytes, child: Any, alias: bool) -> None:
+        ref = ref_from_struct(child)
+        if ref.service != service or not self.is_local(ref):
+            return  # minted elsewhere: that node's own membranes govern it
+        digest = secret_hash(ref.secret_bytes)
+        grant = self.store.grant_of(parent)  # through an alias: its grant
+        if grant is None:
+            self.revoked(*self.store.delete_ref(digest)[1:])
+            raise errors.NotFound("no such sturdy ref (unknown or revoked)")
+        parent = grant
+        quota = self.child_quota * (ALIAS_FACTOR if alias else 1)
+        if self.store.count_children(parent, alias=alias) >= quota:
+            self.revoked(*self.store.delete_ref(digest)[1:])
+            raise errors.PermissionDenied(
+                f"this ref already has {quota} {'aliases' if alias else 'refs'} made through "
+                "it (the node's METAC_REF_CHILD_QUOTA)")
+        if not self.store.set_parent(digest, parent, alias=alias):
+            raise errors.NotFound("no such sturdy ref (unknown or revoked)")
 
     async def live_object(self, object_id: int, timeout: float = RESTORER_WAIT) -> Any:
         cap = self.live.get(object_id)
@@ -218,23 +301,21 @@ class Persistence:
                          cap: Any) -> Any:
         group_id = None
         if group is not None:
-            try:
-                name = (await group.name()).name
-            except Exception:
-                name = None
-            if name:
-                group_id = self.store.group_id(name)
-                if group_id is None:
-                    raise errors.NotFound(f"no resource group {name!r}")
+            group_id = await self.group_id_of(group)
         nested = []
         for sub in description.caps:
             res = await sub.createSturdyRef(persistent=True)
-            nested.append(ref_from_struct(res.id).format())
-        sealed = seal(self.key, json.dumps(nested).encode()) if nested else None
+            nested.append(ref_from_struct(res.id))
+        sealed = seal(self.key, json.dumps([r.format() for r in nested]).encode()) \
+            if nested else None
         runtime_id = description.runtimeId or secrets.token_hex(16)
         object_id = self.store.upsert_object(
             service, description.category, runtime_id, bytes(description.description), sealed,
             description.active)
+        # This node's nested refs go when the object goes (they exist only for it).
+        local_nested = [secret_hash(r.secret_bytes) for r in nested if self.is_local(r)]
+        if local_nested:
+            self.store.add_nested(object_id, local_nested)
         secret = secrets.token_bytes(SECRET_BYTES)
         self.store.add_ref(secret_hash(secret), object_id, persistent, group_id)
         self.live[object_id] = cap.as_interface(core.Persistable)
@@ -272,15 +353,35 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
 
     async def createSturdyRef(self, group: Any, description: Any, persistent: bool, cap: Any,
                               _context: Any, **kwargs: Any) -> None:
+        if not _context.params._has("group"):
+            group = None  # pycapnp hands an unset capability in as a null client
         _context.results.ref = await self._state.create_ref(
             self._service, group, description, persistent, cap)
 
     async def restore(self, objectInfo: bytes, _context: Any, **kwargs: Any) -> None:
-        _context.results.obj = await self._state.restore_secret(self._service, bytes(objectInfo))
+        secret = bytes(objectInfo)
+        row, obj = await self._state.restore_row(self._service, secret)
+        results = _context.results
+        results.obj = obj
+        results.refKey = secret_hash(secret)
+        results.persistent = row.ceiling
+        results.runtimeId = row.runtime_id
+
+    async def dropAlias(self, objectInfo: bytes, **kwargs: Any) -> None:
+        state = self._state
+        digest = secret_hash(bytes(objectInfo))
+        row = state.store.lookup(digest)
+        if row is None or row.service != self._service or not row.alias:
+            raise errors.NotFound("no such alias (unknown or revoked)")
+        state.revoked(*state.store.delete_ref(digest)[1:])
+
+    async def adoptChild(self, parent: bytes, child: Any, alias: bool, **kwargs: Any) -> None:
+        self._state.adopt_child(self._service, bytes(parent), child, bool(alias))
 
     async def forget(self, runtimeId: str, **kwargs: Any) -> int:
-        n, dropped = self._state.store.delete_object(self._service, runtimeId)
-        self._state.drop_live(dropped)
+        revoked, dropped = self._state.store.delete_object(self._service, runtimeId)
+        self._state.revoked(revoked, dropped)
+        n = len(revoked)
         if n:
             log.info("revoked %d ref(s) of a %s object at its service's request", n, self._service)
         return n
@@ -289,12 +390,27 @@ class HandlerServer(Servant, persistence.ServicePersistenceHandler.Server):
         await asyncio.Event().wait()
 
 
+async def _notify(service: str, restorer: Any, digests: list[bytes]) -> None:
+    try:
+        await asyncio.wait_for(restorer.revoke(digests), NOTIFY_TIMEOUT)
+    except Exception as exc:
+        # Gone or stuck: if it is gone its proxies went with it.
+        log.warning("could not tell %s about %d revoked ref(s): %s", service, len(digests),
+                    errors.from_kj(exc) if not isinstance(exc, TimeoutError) else "timeout")
+
+
 class GroupServer(Servant, core.ResourceGroup.Server):
+    """A group this service issued; its token is how create_ref recognizes it."""
+
     def __init__(self, name: str) -> None:
         self._name = name
+        self.secret = secrets.token_bytes(32)
 
     async def name(self, **kwargs: Any) -> str:
         return self._name
+
+    async def token(self, **kwargs: Any) -> bytes:
+        return self.secret
 
 
 def _fill_info(out: Any, row: Any) -> None:
@@ -304,6 +420,7 @@ def _fill_info(out: Any, row: Any) -> None:
     out.persistent = row.persistent
     out.created = row.created
     out.group = row.group
+    out.parent = row.parent
 
 
 class AdminServer(Servant, persistence.PersistenceAdmin.Server):
@@ -343,29 +460,31 @@ class AdminServer(Servant, persistence.PersistenceAdmin.Server):
             if len(matches) > 1:
                 raise errors.InvalidArgument(f"short id {shortId!r} is ambiguous")
             digest = matches[0]
-        info, dropped = store.delete_ref(digest)
+        info, revoked, dropped = store.delete_ref(digest)
         if info is None:
             raise errors.NotFound("no such sturdy ref (unknown or revoked)")
-        self._state.drop_live(dropped)
-        log.info("revoked ref %s (%s/%s)", short_id_of(digest), info.service, info.category)
+        self._state.revoked(revoked, dropped)
+        log.info("revoked ref %s (%s/%s)%s", short_id_of(digest), info.service, info.category,
+                 f" and {len(revoked) - 1} ref(s) made through it" if len(revoked) > 1 else "")
         _fill_info(_context.results.init("info"), info)
 
     async def createGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
         _check_group(name)
         self._state.store.create_group(name)
-        _context.results.group = GroupServer(name)
+        _context.results.group = self._state.issue_group(name)
 
     async def getGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
         if self._state.store.group_id(_check_group(name)) is None:
             raise errors.NotFound(f"no resource group {name!r}")
-        _context.results.group = GroupServer(name)
+        _context.results.group = self._state.issue_group(name)
 
     async def dropGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
-        n, dropped = self._state.store.drop_group(_check_group(name))
-        if n < 0:
+        revoked, dropped = self._state.store.drop_group(_check_group(name))
+        if revoked is None:
             raise errors.NotFound(f"no resource group {name!r}")
-        self._state.drop_live(dropped)
-        _context.results.revoked = n
+        self._state.groups.pop(name, None)  # a group object handed out before is void
+        self._state.revoked(revoked, dropped)
+        _context.results.revoked = len(revoked)
 
 
 def _check_group(name: str) -> str:
@@ -386,9 +505,12 @@ class BootstrapServer(Servant, core.Service.Server):
 
 async def serve() -> int:
     env = ServiceEnv.from_environ("persistence")
+    os.umask(0o077)  # everything this service writes is for root only
     os.makedirs(env.state_dir, mode=0o700, exist_ok=True)
-    store = Store(os.path.join(env.state_dir, "refs.sqlite3"), env.node_instance)
-    key = load_or_create_key(os.path.join(env.state_dir, "node.key"))
+    try:
+        store, key = open_state(env.state_dir, env.node_instance)
+    except errors.FailedPrecondition as exc:
+        raise FatalError(exc) from None  # restarting cannot help: stop the node, say why
     purged = store.purge_stale()
     if purged:
         log.info("dropped %d non-persistent ref(s) of an earlier node run", purged)

@@ -116,10 +116,17 @@ struct ProcessInfo {
   id @7 :Text;
   # Added: "<environment id>.<n>", the name `metac ps` shows and `metac kill`
   # takes (the n-th process launched in that environment).
+  ended @8 :Float64;
+  # Added: Unix time it was found ended, for an ended background process whose
+  # environment is gone (then process and env are null); 0 otherwise.
 }
 
 interface ComputeServiceAdmin extends(Core.ServiceAdmin) {
   getLauncher @0 () -> (launcher :ComputeLauncher);
   listProcesses @1 () -> (processes :List(ProcessInfo));
   # Added: processes launched through this service, for `metac ps`.
+  removeProcesses @2 (target :Text) -> (removed :List(Text));
+  # Added: forget ended background processes (`metac rm`): one ("ENV.N") or all
+  # of an environment ("ENV"). NotFound if none matches, FailedPrecondition if
+  # the target still runs.
 }

@@ -25,6 +25,9 @@ interface ResourceGroup {
   name @0 () -> (name :Text);
   # Added (the paper's group has no methods): lets the persistence service
   # file a ref under the group it was given.
+  token @1 () -> (token :Data);
+  # Added: the group's secret. Persistence files a ref under a group only if
+  # the token is one it issued: a client-made object's name() proves nothing.
 }
 
 struct MetacSturdyRef {
@@ -37,7 +40,13 @@ struct MetacSturdyRef {
 }
 
 interface Persistable {
-  createSturdyRef @0 (rgroup :ResourceGroup, persistent :Bool) -> (id :MetacSturdyRef);
+  createSturdyRef @0 (rgroup :ResourceGroup, persistent :Bool, alias :Bool)
+      -> (id :MetacSturdyRef);
+  # alias (added): for a service that reaches a capability handed to it over
+  # its own connection (it restores the new ref at once). On a capability
+  # restored from a ref R, the new ref is then R under a temporary name: never
+  # persistent, revoked with R, and refs made through it are R's children.
+  # Without alias such a ref is a child of R (see persistence.adoptChild).
 }
 
 interface Waitable {
@@ -54,6 +63,10 @@ interface Service {
   # Unprivileged bootstrap interface of a service.
   restore @0 (objectInfo :Data) -> (obj :AnyPointer);
   # objectInfo is Data for the same reason as in MetacSturdyRef.
+  dropAlias @1 (objectInfo :Data);
+  # Added: revoke an alias (Persistable.createSturdyRef with alias) that its
+  # holder no longer needs, e.g. when the mount that made it is released.
+  # Any other ref: NotFound.
 }
 
 interface ServiceAdmin {

@@ -160,6 +160,13 @@ interface FilesystemNamespace extends(Core.Persistable) {
   # mountWith(path, fs, default options): unmounted when the holder is released
   # or dropped, unless options.keep. A persistent ref to the holder makes the
   # mount come back when the node restarts.
+  filesystemPreservingOwners @4 () -> (fs :Filesystem);
+  # Added: the root like `filesystem`, but its servers keep running as root with
+  # the capabilities to serve every owner (chown, setuid bits, any file): whoever
+  # holds it, or anything derived from it, is root-equivalent on that tree
+  # (`metac fs export --preserve-owners`, e.g. a container root filesystem).
+  # `filesystem` squashes instead: each directory taken from it acts as that
+  # directory's owner, with no capability and no setuid/setgid bits.
 }
 
 interface FilesystemServiceAdmin extends(Core.ServiceAdmin) {

@@ -6,7 +6,9 @@ each schema is parsed once per process and every module sees the same types.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 import capnp
 
@@ -30,3 +32,11 @@ usb = _load("usb.capnp")
 sound = _load("sound.capnp")
 desktop = _load("desktop.capnp")
 demo = _load("demo.capnp")
+
+
+@functools.cache
+def capnp_rpc() -> Any:
+    """Cap'n Proto's own ``rpc.capnp``, loaded on first use: only tools that write
+    RPC messages by hand need it (the test harness's hostile peer)."""
+    capnp_dir = os.path.dirname(os.path.abspath(capnp.__file__))
+    return capnp.load(os.path.join(capnp_dir, "rpc.capnp"), imports=[os.path.dirname(capnp_dir)])

@@ -29,6 +29,9 @@ interface Restorer {
   # Added: never returns while the service runs. Persistence keeps one call
   # pending; when it fails the service is gone and its live objects are
   # dropped at once instead of being handed out broken.
+  revoke @2 (refs :List(Data));
+  # Added: these refs (stored hashes, as `restore` names them) were revoked;
+  # the service cuts every capability it handed out through them (membrane).
 }
 
 interface ServicePersistenceHandler {
@@ -36,8 +39,18 @@ interface ServicePersistenceHandler {
   # Returns a holder (added): dropping it unregisters the restorer.
   createSturdyRef @1 (group :Core.ResourceGroup, description :CapDescription,
                       persistent :Bool, cap :AnyPointer) -> (ref :Core.MetacSturdyRef);
-  restore @2 (objectInfo :Data) -> (obj :AnyPointer);
+  restore @2 (objectInfo :Data) -> (obj :AnyPointer, refKey :Data, persistent :Bool,
+                                    runtimeId :Text);
   # Added: restore a ref of this handler's service (used by Service.restore).
+  # refKey names the ref (its stored hash, never the secret) for `adoptChild`
+  # and `Restorer.revoke`; runtimeId names the object.
+  adoptChild @5 (parent :Data, child :Core.MetacSturdyRef, alias :Bool);
+  # Added: `child`, just minted through a capability restored from the ref
+  # `parent` (a refKey), becomes its child: revoked with it, never more
+  # persistent, counted against its quota (PermissionDenied past it; the
+  # child is then revoked). A child of another node or service is left alone.
+  dropAlias @6 (objectInfo :Data);
+  # Added: Service.dropAlias of this handler's service.
   forget @4 (runtimeId :Text) -> (revoked :UInt32);
   # Added: revoke every ref of this service's object with that runtime id
   # (an action undone by its owner, e.g. `metac fs umount` of a persistent
@@ -58,6 +71,8 @@ struct RefInfo {
   group @5 :Text;
   live @6 :Bool;
   # Is the object currently restored in memory?
+  parent @7 :Text;
+  # Added: short id of the ref this one was minted through ("" for the admin's).
 }
 
 interface PersistenceAdmin extends(Core.ServiceAdmin) {

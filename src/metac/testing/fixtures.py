@@ -4,7 +4,7 @@
   ``nsenter`` and can actually create a network namespace.
 * ``topology_factory``: ``make(n) -> Topology``; every topology is torn down
   at the end of the test, also when it fails.
-* ``nodes_factory``: ``make(n, extra_services=None, *, timeout=30, ipv6=False) ->
+* ``nodes_factory``: ``make(n, extra_services=None, *, timeout=30, ipv6=False, env=None) ->
   list[NodeHost]``, each node started and ready; nodes, then topologies, are
   torn down at the end of the test. When the test fails, the tail of every
   node log is added to the failure report.
@@ -91,8 +91,9 @@ def nodes_factory(
     request: pytest.FixtureRequest,
     topology_factory: Callable[[int], Topology],
 ) -> Iterator[Callable[..., list[NodeHost]]]:
-    """``make(n, extra_services=None, *, timeout=30, ipv6=False)``: ``n`` started, ready nodes
-    on one bridge (serving on their IPv6 ULA instead of IPv4 if ``ipv6``)."""
+    """``make(n, extra_services=None, *, timeout=30, ipv6=False, env=None)``: ``n`` started,
+    ready nodes on one bridge (serving on their IPv6 ULA instead of IPv4 if ``ipv6``; ``env``
+    added to the environment of the nodes and their CLI calls)."""
     all_nodes: list[NodeHost] = []
     request.node.stash[_nodes_key] = all_nodes
     with contextlib.ExitStack() as stack:
@@ -103,11 +104,12 @@ def nodes_factory(
             *,
             timeout: float = 30.0,
             ipv6: bool = False,
+            env: Mapping[str, str] | None = None,
         ) -> list[NodeHost]:
             topo = topology_factory(n)
             nodes = []
             for host in topo.hosts:
-                node = stack.enter_context(NodeHost(host, ipv6=ipv6))
+                node = stack.enter_context(NodeHost(host, ipv6=ipv6, env=env))
                 all_nodes.append(node)
                 nodes.append(node)
             for node in nodes:  # start all, then wait: nodes boot in parallel

@@ -56,6 +56,7 @@ __all__ = [
     "GuestResult",
     "GuestUnavailable",
     "build_initramfs",
+    "ensure_kernel",
     "find_kernel",
     "run_in_guest",
 ]
@@ -122,6 +123,30 @@ class GuestResult:
 # --------------------------------------------------------------------------- kernel, modules
 
 
+#: The script that fetches and unpacks the guest kernel (in a source checkout).
+GUEST_KERNEL_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "guest-kernel.sh"
+
+
+def ensure_kernel(cache: str | os.PathLike[str] | None = None) -> GuestKernel:
+    """The unpacked guest kernel, fetched with ``scripts/guest-kernel.sh`` when first needed.
+
+    Only the guest tests need this kernel, so the set-up (and ``make run``) never
+    downloads it; the first guest run does, as root, from a source checkout."""
+    try:
+        return find_kernel(cache)
+    except GuestUnavailable:
+        if os.geteuid() != 0 or not GUEST_KERNEL_SCRIPT.is_file():
+            raise
+    env = dict(os.environ)
+    if cache:
+        env[KERNEL_CACHE_ENV] = os.fspath(cache)
+    proc = subprocess.run(["bash", str(GUEST_KERNEL_SCRIPT)], env=env, check=False,
+                          stdin=subprocess.DEVNULL, timeout=1800)
+    if proc.returncode != 0:
+        raise GuestUnavailable(f"{GUEST_KERNEL_SCRIPT} failed with exit status {proc.returncode}")
+    return find_kernel(cache)
+
+
 def find_kernel(cache: str | os.PathLike[str] | None = None) -> GuestKernel:
     """The kernel ``scripts/guest-kernel.sh`` unpacked (``<cache>/current``)."""
     root = Path(cache or os.environ.get(KERNEL_CACHE_ENV) or DEFAULT_KERNEL_CACHE)
@@ -133,7 +158,7 @@ def find_kernel(cache: str | os.PathLike[str] | None = None) -> GuestKernel:
     if kdir is None or not (kdir / "vmlinuz").is_file() or not (kdir / ".complete").exists():
         raise GuestUnavailable(
             f"no guest kernel in {current}; run as root: bash scripts/guest-kernel.sh "
-            "(part of scripts/install-deps.sh)")
+            "(the guest tests run it when first needed)")
     kernel = GuestKernel(kdir, kdir.name)
     if not (kernel.modules_dir / "modules.dep").is_file():
         raise GuestUnavailable(f"{kernel.modules_dir}/modules.dep is missing; "
@@ -479,7 +504,7 @@ def run_in_guest(argv: Sequence[str], *, cwd: str = "/", env: Mapping[str, str] 
     Raises GuestUnavailable if QEMU or the kernel is missing, GuestError if the
     job did not run to its end within ``timeout`` seconds (QEMU is killed)."""
     qemu = find_qemu()
-    kernel = find_kernel()
+    kernel = ensure_kernel()
     initramfs = build_initramfs(kernel)
     full_env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb",
                 "PYTHONDONTWRITEBYTECODE": "1", "METAC_GUEST_OUT": GUEST_OUT, **(env or {})}

@@ -7,7 +7,9 @@ A :class:`NodeHost` owns one temporary directory (``state/``, ``run/``,
         --state-dir DIR --runtime-dir DIR [--extra-service NAME=module]...
 
 with stdout and stderr appended to ``node.log``. ``start()`` waits for a log
-line containing ``metac node ready``. The CLI runs the same way with
+line containing ``metac node ready``. A node expected to stop by itself (a
+damaged store) is ``start(wait=False)`` then ``wait_exit()``; one more node
+next to the running one (a refused second start) is ``run_node_expecting_exit()``. The CLI runs the same way with
 ``METAC_RUNTIME_DIR`` set (``NodeHost.metac(...)``).
 
 ``close()`` never relies on the node behaving: SIGTERM then SIGKILL for the
@@ -261,13 +263,21 @@ class NodeHost:
 
     # ---------------------------------------------------------------- node lifecycle
 
-    def node_argv(self, extra_services: Mapping[str, str] | None = None) -> list[str]:
+    def node_argv(
+        self,
+        extra_services: Mapping[str, str] | None = None,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+    ) -> list[str]:
+        """argv of this host's node (other directories or port if given)."""
         argv = [
             *metac_argv(), "node", "run",
             "--address", self.address,
-            "--port", str(self.port),
-            "--state-dir", str(self.state_dir),
-            "--runtime-dir", str(self.runtime_dir),
+            "--port", str(port or self.port),
+            "--state-dir", str(state_dir or self.state_dir),
+            "--runtime-dir", str(runtime_dir or self.runtime_dir),
         ]  # fmt: skip
         for name, module in (extra_services or {}).items():
             argv += ["--extra-service", f"{name}={module}"]
@@ -332,6 +342,54 @@ class NodeHost:
                     f"(no {READY_LINE!r} line); log {self.log_path} tail:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """Wait for a node expected to stop by itself (after ``start(wait=False)``); its exit
+        code. AssertionError (after SIGKILL) if it still runs after ``timeout``."""
+        if self.proc is None:
+            raise RuntimeError(f"{self!r}: node not started")
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._remember_tree()
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"node on host {self.name} still ran after {timeout}s; log tail:\n"
+                f"{self.log_tail()}") from None
+
+    def run_node_expecting_exit(
+        self,
+        extra_services: Mapping[str, str] | None = None,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one more node in this host (other dirs or port if given) that must exit by
+        itself, e.g. refused; its exit code and output. Unlike :meth:`start` it leaves
+        this host's running node alone. AssertionError if it still runs after ``timeout``
+        (it is killed, with its process group)."""
+        argv = self.node_argv(extra_services, state_dir=state_dir, runtime_dir=runtime_dir,
+                              port=port)
+        env = self._env({"METAC_RUNTIME_DIR": str(runtime_dir or self.runtime_dir)})
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in process_tree(proc.pid):
+                pstat = _netns.proc_stat(pid)
+                if pstat is not None:
+                    self._orphans[pid] = pstat[1]
+            _netns.signal_pid(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"`{' '.join(argv)}` still ran after {timeout}s\n--- stdout ---\n{out}"
+                f"\n--- stderr ---\n{err}") from None
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def _remember_tree(self) -> None:
         if self.proc is None:
