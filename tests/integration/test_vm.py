@@ -34,7 +34,7 @@ CMDLINE = "console=ttyS0 panic=-1 quiet rdinit=/init"
 SERIAL_PORT = 7777
 
 # Modules the guest loads (with their dependencies) for its virtio disks and ext4.
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "virtio_net")
 
 # The guest: marker A on ttyS0 (B's stream); drive 0 (read-write, an image of A's) mounted,
 # its marker printed, a file written; drive 1 (read-only) checked; marker B on ttyS1 (the
@@ -59,6 +59,10 @@ GUEST_INIT = textwrap.dedent(r"""
     else
         echo "DISK0-MOUNT-FAILED" >&3
     fi
+    ip link set lo up
+    ip link set eth0 up && ip address add 10.77.0.2/24 dev eth0
+    ping -c 2 -W 10 10.77.0.1 >/dev/null 2>&1 || ping -c 3 -W 10 10.77.0.1 >/dev/null 2>&1
+    if [ $? = 0 ]; then echo "PING-OK" >&3; else echo "PING-FAILED" >&3; fi
     echo "DISK1-RO:$(cat /sys/block/vdb/ro)" >&3
     mount -t ext4 -o ro /dev/vdb /mnt/ro && echo "DISK1:$(cat /mnt/ro/marker.txt)" >&3
     if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then
@@ -194,6 +198,8 @@ def test_vm_remote_kernel_drives_and_serial_ports(boot_files, serial_peer,
     _ext4_image(ro_disk, "marker-of-a-read-only-disk")
     disk_ref = a.metac("block", "export", f"local:{disk}").stdout.strip()
     ro_ref = a.metac("block", "export", "--read-only", f"local:{ro_disk}").stdout.strip()
+    net_ref = b.metac("net", "export", "newlocal:vmnet0").stdout.strip()
+    b.host.run(["ip", "address", "add", "10.77.0.1/24", "dev", "vmnet0"])
     stream_ref = b.metac("stream", "export", f"tcp:127.0.0.1:{SERIAL_PORT}").stdout.strip()
     before = snapshot(a, b, c)
     vm_dir = c.runtime_dir / "vm"
@@ -201,6 +207,7 @@ def test_vm_remote_kernel_drives_and_serial_ports(boot_files, serial_peer,
     vm_ref = c.metac("vm", "launch", "-m", "256", "--kernel", kernel_ref, "--initrd", initrd_ref,
                      "--cmdline", CMDLINE, "--serial", stream_ref, "--serial", "new",
                      "--drive", disk_ref, "--drive", f"{ro_ref},driver=virtio",
+                     "--net", net_ref, "--net", "new,driver=e1000",
                      timeout=120).stdout.strip()
     assert vm_ref.startswith("ref://")
 
@@ -239,6 +246,12 @@ def test_vm_remote_kernel_drives_and_serial_ports(boot_files, serial_peer,
     assert "DISK0:marker-of-a-writable-disk" in seen and "DISK0-DONE" in seen
     assert "DISK1-RO:1" in seen and "DISK1:marker-of-a-read-only-disk" in seen
     assert "DISK1-WRITE-REFUSED" in seen
+    # NIC 0 is bound to B's interface: the guest pinged B's address across the nodes.
+    assert "PING-OK" in seen
+    # NIC 1 is a new network: its L2Interface can be passed on.
+    assert c.metac("vm", "net", vm_ref, "1").stdout.strip().startswith("ref://")
+    taps = {name for name in c.links() if name.startswith("mcq")}
+    assert len(taps) == 2
 
     # The serial port's stream can be passed on as a ref.
     port_ref = c.metac("vm", "serial", "--port", "1", vm_ref).stdout.strip()

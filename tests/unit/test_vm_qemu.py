@@ -122,3 +122,18 @@ def test_boot_disk_gets_the_first_boot_index() -> None:
     assert "bootindex" not in devices[0] and ",bootindex=0" in devices[1]
     with pytest.raises(qemu.SpecError):
         qemu.check(_spec(kernel=None, boot_disk=2, drives=[qemu.DriveSpec(nbd_fd=11)]))
+
+
+def test_nics_attach_to_named_taps() -> None:
+    spec = _spec(nics=[qemu.NicSpec(tap="mcq0123456789", mac="52:54:00:aa:bb:cc", mtu=1450),
+                       qemu.NicSpec(tap="mcqabc", e1000=True)])
+    argv = qemu.qemu_argv("qemu", spec)
+    assert _option(argv, "-netdev") == [
+        "tap,id=net0,ifname=mcq0123456789,script=no,downscript=no",
+        "tap,id=net1,ifname=mcqabc,script=no,downscript=no"]
+    assert _option(argv, "-device") == [
+        "virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,host_mtu=1450", "e1000,netdev=net1"]
+    for bad in (qemu.NicSpec(tap="a,b"), qemu.NicSpec(tap="x" * 16),
+                qemu.NicSpec(tap="ok", mac="52:54:00:aa:bb:cc,x=y")):
+        with pytest.raises(qemu.SpecError):
+            qemu.check(_spec(nics=[bad]))

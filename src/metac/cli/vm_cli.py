@@ -61,6 +61,10 @@ def register(sub: Any) -> None:
                     metavar="BLOCK-URI[,driver=virtio|ide][,ro]",
                     help="a disk: a block device ref (`metac block export`) or local:PATH of an "
                          "image; ro attaches it read-only; repeatable, drive 0 first")
+    la.add_argument("--net", action="append", default=[],
+                    metavar="NET-URI|new[,driver=virtio|e1000]",
+                    help="a NIC: an L2Interface ref (`metac net export`, any node) or new "
+                         "(reach it later with `metac vm net`); repeatable")
     la.add_argument("--serial", action="append", default=[], metavar="STREAM-URI|new",
                     help="a serial port: a stream ref, or new (reach it later with `metac vm "
                          "console`); repeatable, the first is ttyS0")
@@ -78,6 +82,12 @@ def register(sub: Any) -> None:
     co.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
     co.add_argument("--port", type=int, default=0, help="serial port (default 0)")
     co.set_defaults(func=console)
+
+    ne = s.add_parser("net", help="print a ref to a VM's NIC N (its L2Interface)")
+    ne.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
+    ne.add_argument("index", type=int, metavar="N", help="NIC number (0 is the first --net)")
+    ne.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    ne.set_defaults(func=vm_net)
 
     se = s.add_parser("serial", help="print a ref to a VM's serial port stream")
     se.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
@@ -157,6 +167,12 @@ async def launch(args: argparse.Namespace) -> int:
                     device = (await device.readOnly()).device
             item.device = device
             item.driver = driver
+        nets = [parse_net(text) for text in args.net]
+        net_list = config.init("networks", len(nets))
+        for item, (uri, driver) in zip(net_list, nets, strict=True):
+            item.driver = driver
+            if uri != "new":
+                item.network, _ = await _restore(res, uri, schema.network.L2Interface)
         ports = config.init("serialPorts", len(serials))
         for i, (port, text) in enumerate(zip(ports, serials, strict=True)):
             if text == "new":
@@ -173,6 +189,18 @@ async def launch(args: argparse.Namespace) -> int:
                 stream = (await vm.serialPort(0)).stream
             await _attach(stream, address, vm)
     return 0
+
+
+def parse_net(text: str) -> tuple[str, str]:
+    """``URI|new[,driver=virtio|e1000]`` -> (uri, driver)."""
+    uri, _, rest = text.partition(",")
+    driver = "virtio"
+    if rest:
+        key, _, value = rest.partition("=")
+        if key != "driver" or value not in ("virtio", "e1000"):
+            raise errors.InvalidArgument("--net takes NET-URI|new[,driver=virtio|e1000]")
+        driver = value
+    return uri, driver
 
 
 def parse_drive(text: str) -> tuple[str, str, bool]:
@@ -227,6 +255,16 @@ async def serial(args: argparse.Namespace) -> int:
         async with rpc_errors():
             stream = (await vm.serialPort(args.port)).stream
             ref = (await stream.createSturdyRef(persistent=args.persistent)).id
+    print(ref_from_struct(ref).format())
+    return 0
+
+
+async def vm_net(args: argparse.Namespace) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        vm, _ = await _restore(Resources(stack), args.vm, schema.vm.VM)
+        async with rpc_errors():
+            l2 = (await vm.network(args.index)).l2interface
+            ref = (await l2.createSturdyRef(persistent=args.persistent)).id
     print(ref_from_struct(ref).format())
     return 0
 

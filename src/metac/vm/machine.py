@@ -32,6 +32,7 @@ from metac.core.tasks import TaskSet
 from metac.core.untrusted import bounded, env_int
 from metac.vm import qemu
 from metac.vm.accel import QEMU, QEMU_PACKAGE
+from metac.vm.taps import TapNetworks, random_mac
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class DrivePlan:
 
 
 @dataclass
+class NicPlan:
+    network: Any = None  # an L2Interface capability, or None: a new network
+    e1000: bool = False
+
+
+@dataclass
 class LaunchPlan:
     """What to launch, capabilities included (parsed from a LaunchConfiguration)."""
 
@@ -68,6 +75,7 @@ class LaunchPlan:
     boot_disk: int | None = None
     serials: list[SerialPlan] = field(default_factory=list)
     drives: list[DrivePlan] = field(default_factory=list)
+    nics: list[NicPlan] = field(default_factory=list)
 
 
 async def read_boot_file(host: StreamHost, file: Any, what: str) -> int:
@@ -109,13 +117,17 @@ class VirtualMachine:
     """A QEMU process and what it uses; ``stop`` undoes everything once."""
 
     def __init__(self, vm_id: str, plan: LaunchPlan, accel: str, *, host: StreamHost,
-                 supervisor: Supervisor, tasks: TaskSet, base_dir: str) -> None:
+                 supervisor: Supervisor, tasks: TaskSet, base_dir: str,
+                 taps: TapNetworks | None = None) -> None:
         self.id = vm_id
         self.plan = plan
         self.accel = accel
         self.host = host
         self.supervisor = supervisor
         self.tasks = tasks
+        self.taps = taps
+        self.networks: list[Any] = []  # L2Interface of each NIC
+        self.tap_names: set[str] = set()
         self.dir = os.path.join(base_dir, vm_id)
         self.state = "starting"
         self.started = 0.0
@@ -172,10 +184,11 @@ class VirtualMachine:
                 kernel = qemu.KernelBoot(kfd, ifd, plan.cmdline)
             serials = [await self._serial(i, s) for i, s in enumerate(plan.serials)]
             drives = [await self._drive(i, d) for i, d in enumerate(plan.drives)]
+            nics = [await self._nic(i, n) for i, n in enumerate(plan.nics)]
             spec = qemu.MachineSpec(
                 accel=self.accel, memory_mib=plan.memory_mib, vcpus=plan.vcpus,
                 qmp_socket=os.path.join(self.dir, "qmp.sock"), kernel=kernel,
-                boot_disk=plan.boot_disk, serials=serials, drives=drives)
+                boot_disk=plan.boot_disk, serials=serials, drives=drives, nics=nics)
             try:
                 argv = qemu.qemu_argv(binary, spec)
             except qemu.SpecError as exc:
@@ -222,6 +235,20 @@ class VirtualMachine:
         self.drive_read_only.append(bool(info.readOnly))
         return qemu.DriveSpec(nbd_fd=opened.sock.fileno(), ide=plan.ide,
                               read_only=bool(info.readOnly))
+
+    async def _nic(self, index: int, plan: NicPlan) -> qemu.NicSpec:
+        if self.taps is None:
+            raise errors.Unsupported("networks need the net service")
+        name, l2, mtu = await self.taps.attach(self.id, index, plan.network, self._revert)
+        self.tap_names.add(name)
+        self.networks.append(l2)
+        return qemu.NicSpec(tap=name, e1000=plan.e1000, mac=random_mac(), mtu=mtu)
+
+    def network(self, index: int) -> Any:
+        if not 0 <= index < len(self.networks):
+            raise errors.NotFound(f"the VM has no network {index} "
+                                  f"(it has {len(self.networks)})")
+        return self.networks[index]
 
     async def _wait_started(self, child: Child, qmp_socket: str) -> None:
         loop = asyncio.get_running_loop()

@@ -2,9 +2,10 @@
 
 Everything QEMU reads that came from a capability reaches it as an inherited
 file descriptor (``/dev/fd/N`` for the kernel and initrd, ``fd=N`` for a
-serial port bound to a given stream, ``fd=N`` for a tap device), so nothing is
-copied into a path other users could read. Serial ports the service serves
-itself are unix sockets QEMU listens on, in the VM's private directory.
+serial port bound to a given stream and for a drive's NBD connection), so
+nothing is copied into a path other users could read. Serial ports the service
+serves itself are unix sockets QEMU listens on, in the VM's private directory;
+NICs are tap devices the service created, named.
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ class DriveSpec:
 
 @dataclass(frozen=True)
 class NicSpec:
-    """One NIC: an open tap device QEMU gets as ``fd``."""
+    """One NIC: a tap device of the node, QEMU attaches to it by name."""
 
-    tap_fd: int
+    tap: str
     e1000: bool = False
     mac: str = ""
+    mtu: int | None = None  # told to a virtio guest (host_mtu)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,11 @@ def check(spec: MachineSpec) -> None:
             raise SpecError(f"bad serial port name {s.name!r}")
         if s.listen_path is not None and "," in s.listen_path:
             raise SpecError("socket paths may not contain a comma")
+    for n in spec.nics:
+        if not n.tap or not all(c.isalnum() or c in "-_." for c in n.tap) or len(n.tap) > 15:
+            raise SpecError(f"bad tap device name {n.tap!r}")
+        if n.mac and (len(n.mac) != 17 or any(c not in "0123456789abcdef:" for c in n.mac)):
+            raise SpecError(f"bad MAC address {n.mac!r}")
     if len([s for s in spec.serials if not s.virtio]) > 4:
         raise SpecError("at most 4 default (ISA) serial ports; use the virtio driver for more")
 
@@ -153,10 +160,13 @@ def qemu_argv(qemu: str, spec: MachineSpec) -> list[str]:
         else:
             argv += ["-device", f"virtio-blk-pci,drive=disk{i}{boot}{errors_to_guest}"]
     for i, n in enumerate(spec.nics):
-        argv += ["-netdev", f"tap,id=net{i},fd={n.tap_fd}"]
+        argv += ["-netdev", f"tap,id=net{i},ifname={n.tap},script=no,downscript=no"]
         mac = f",mac={n.mac}" if n.mac else ""
-        model = "e1000" if n.e1000 else "virtio-net-pci"
-        argv += ["-device", f"{model},netdev=net{i}{mac}"]
+        if n.e1000:
+            argv += ["-device", f"e1000,netdev=net{i}{mac}"]
+        else:
+            mtu = f",host_mtu={n.mtu}" if n.mtu else ""
+            argv += ["-device", f"virtio-net-pci,netdev=net{i}{mac}{mtu}"]
     return argv
 
 
@@ -169,7 +179,6 @@ def fds_of(spec: MachineSpec) -> list[int]:
             fds.append(spec.kernel.initrd_fd)
     fds += [s.fd for s in spec.serials if s.fd is not None]
     fds += [d.nbd_fd for d in spec.drives]
-    fds += [n.tap_fd for n in spec.nics]
     return fds
 
 

@@ -29,12 +29,21 @@ from metac.core.tasks import TaskSet
 from metac.schema.load import vm as vm_schema
 from metac.vm import accel as accel_mod
 from metac.vm import qemu
-from metac.vm.machine import SERIAL_CATEGORY, DrivePlan, LaunchPlan, SerialPlan, VirtualMachine
+from metac.vm.machine import (
+    SERIAL_CATEGORY,
+    DrivePlan,
+    LaunchPlan,
+    NicPlan,
+    SerialPlan,
+    VirtualMachine,
+)
+from metac.vm.taps import TapNetworks
 
 log = logging.getLogger(__name__)
 
 MAX_SERIAL_PORTS = 16
 MAX_DRIVES = 16
+MAX_NICS = 8
 DEFAULT_MEMORY_MIB = 512
 
 
@@ -62,8 +71,10 @@ def parse_config(config: Any) -> LaunchPlan:
         plan.cmdline = str(kb.cmdline)
     else:
         plan.boot_disk = int(boot.disk)
-    if len(config.networks):
-        raise errors.Unsupported("networks are not supported by this vm service yet")
+    if len(config.networks) > MAX_NICS:
+        raise errors.InvalidArgument(f"at most {MAX_NICS} networks")
+    for net in config.networks:
+        plan.nics.append(NicPlan(_cap(net, "network"), e1000=str(net.driver) == "e1000"))
     if len(config.drives) > MAX_DRIVES:
         raise errors.InvalidArgument(f"at most {MAX_DRIVES} drives")
     for i, drive in enumerate(config.drives):
@@ -93,6 +104,8 @@ class VMHost:
         self.tasks = TaskSet()
         self.base_dir = os.path.join(ctx.env.runtime_dir, "vm")
         self._probe: asyncio.Task[None] | None = None
+        self.taps = TapNetworks(ctx)
+        self._sweep: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # QEMUs of an earlier run were reaped by the supervisor; their directories go too.
@@ -103,6 +116,9 @@ class VMHost:
         # The probe may boot a test guest: it runs in the background, so the node is
         # ready at once; the first launch waits for it.
         self._probe = self.tasks.spawn(self._choose_accel(), "accelerator probe")
+        # Nothing runs yet: every tap and bind of ours is a leftover. Launches wait for it.
+        self._sweep = self.tasks.spawn(self.taps.sweep(set()), "sweep leftover taps",
+                                       log_errors=True)
 
     async def _choose_accel(self) -> None:
         self.accel = await accel_mod.choose()
@@ -115,9 +131,11 @@ class VMHost:
 
     async def launch(self, plan: LaunchPlan, vm_id: str | None = None) -> VirtualMachine:
         accel = await self.accelerator()
+        if self._sweep is not None:
+            await asyncio.shield(self._sweep)
         vm = VirtualMachine(vm_id or secrets.token_hex(8), plan, accel.name,
                             host=self.streams, supervisor=self.ctx.supervisor,
-                            tasks=self.tasks, base_dir=self.base_dir)
+                            tasks=self.tasks, base_dir=self.base_dir, taps=self.taps)
         self.vms[vm.id] = vm
         vm.on_stopped = self._stopped
         try:
@@ -174,7 +192,7 @@ class VMServer(PersistableMixin, vm_schema.VM.Server):
         _context.results.stream = self._vm.serial_stream(index)
 
     async def network(self, index: int, _context: Any, **kwargs: Any) -> None:
-        raise errors.NotFound(f"the VM has no network {index}")
+        _context.results.l2interface = self._vm.network(index)
 
     async def destroy(self, **kwargs: Any) -> None:
         await self._vm.stop()
