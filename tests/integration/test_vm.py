@@ -134,10 +134,22 @@ def boot_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("vmboot")
     os.chmod(directory, 0o755)
     initrd = directory / "initrd.gz"
-    modules = [(os.path.basename(rel), (kernel.modules_dir / rel).read_bytes())
-               for rel in module_closure(kernel.modules_dir, GUEST_MODULES)]
-    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), GUEST_INIT, modules))
+    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), GUEST_INIT,
+                                    _guest_modules()))
     return kernel.vmlinuz, initrd
+
+
+def _guest_modules() -> list[tuple[str, bytes]]:
+    kernel = find_kernel()
+    return [(os.path.basename(rel), (kernel.modules_dir / rel).read_bytes())
+            for rel in module_closure(kernel.modules_dir, GUEST_MODULES)]
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def _ext4_image(path: Path, marker: str) -> None:
@@ -287,3 +299,104 @@ def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
     assert _vm_rows(c)["vms"] == []
     assert list((c.runtime_dir / "vm").iterdir()) == []
     assert_no_leaks(before, snapshot(c))
+
+
+# Two roles (metac.role= on the command line; the kernel console is ttyS1):
+# 1 writes numbered lines on ttyS0 and the marker of its drive on ttyS1;
+# 2 reads lines on ttyS0 and repeats them on ttyS1.
+CABLE_INIT = textwrap.dedent(r"""
+    #!/bin/busybox sh
+    /bin/busybox --install -s /bin
+    export PATH=/bin
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+    for m in $(cat /modules/load-order); do insmod "/modules/$m"; done
+    stty -F /dev/ttyS0 -echo
+    case "$(cat /proc/cmdline)" in
+    *metac.role=1*)
+        mkdir -p /mnt/rw
+        mount -t ext4 -o ro /dev/vda /mnt/rw && m="$(cat /mnt/rw/marker.txt)"
+        i=0
+        while :; do
+            i=$((i + 1))
+            echo "CABLE-LINE-$i" >/dev/ttyS0
+            echo "VM1-DISK:$m" >/dev/ttyS1
+            sleep 1
+        done ;;
+    *)
+        exec 3<>/dev/ttyS0
+        while read -r line <&3; do echo "VM2-GOT:$line" >/dev/ttyS1; done ;;
+    esac
+    while :; do sleep 60; done
+""").lstrip()
+
+
+def _console_shows(node: NodeHost, vm_ref: str, port: int, text: str,
+                   timeout: float = BOOT_TIMEOUT) -> str:
+    console = node.popen("vm", "console", "--port", str(port), vm_ref)
+    try:
+        return LineReader(console).wait_for(text, timeout)
+    finally:
+        console.terminate()
+        console.wait(30)
+
+
+@pytest.mark.timeout(1200)
+def test_vm_virtual_cable_and_persistence(boot_files, nodes_factory, tmp_path: Path) -> None:
+    kernel, _ = boot_files
+    a, c = nodes_factory(2)
+    initrd = tmp_path / "cable-initrd.gz"
+    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), CABLE_INIT,
+                                    _guest_modules()))
+    os.chmod(tmp_path, 0o755)
+    kernel_ref = a.metac("file", "export", "--persistent", f"local:{kernel}").stdout.strip()
+    initrd_ref = a.metac("file", "export", "--persistent", f"local:{initrd}").stdout.strip()
+    disk = tmp_path / "disk.img"
+    _ext4_image(disk, "disk-after-restart")
+    disk_ref = a.metac("block", "export", "--persistent", f"local:{disk}").stdout.strip()
+    before = snapshot(a, c)
+    common = ["-m", "128", "--kernel", kernel_ref, "--initrd", initrd_ref]
+
+    vm1 = c.metac("vm", "launch", "--persistent", *common, "--cmdline",
+                  f"{CMDLINE.replace('ttyS0', 'ttyS1')} metac.role=1", "--drive", disk_ref,
+                  "--serial", "new", "--serial", "new", timeout=120).stdout.strip()
+    # VM2's serial port 0 is VM1's: a virtual cable.
+    port0 = c.metac("vm", "serial", "--port", "0", vm1).stdout.strip()
+    vm2 = c.metac("vm", "launch", *common, "--cmdline",
+                  f"{CMDLINE.replace('ttyS0', 'ttyS1')} metac.role=2",
+                  "--serial", port0, "--serial", "new", timeout=120).stdout.strip()
+    _console_shows(c, vm2, 1, "VM2-GOT:CABLE-LINE-")
+    _console_shows(c, vm1, 1, "VM1-DISK:disk-after-restart")
+    assert len(_vm_rows(c)["vms"]) == 2
+    first_pids = {row["pid"] for row in _vm_rows(c)["vms"]}
+
+    # kill -9 of the node: its VMs die with it (no orphan); after the restart only the
+    # persistent one runs again, with its remote drive.
+    c.kill9()
+    deadline = time.monotonic() + 60
+    while c.orphans() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not c.orphans()
+    c.start(timeout=60)
+    deadline = time.monotonic() + 120
+    while not (rows := _vm_rows(c)["vms"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    (row,) = rows
+    assert row["state"] == "running" and row["pid"] not in first_pids
+    _console_shows(c, vm1, 1, "VM1-DISK:disk-after-restart")
+    gone = c.metac("vm", "destroy", vm2, check=False)
+    assert gone.returncode != 0 and gone.stderr.count("\n") == 1
+
+    c.metac("vm", "destroy", vm1, timeout=60)
+    assert _vm_rows(c)["vms"] == []
+    assert list((c.runtime_dir / "vm").iterdir()) == []
+    after = snapshot(a, c)
+    assert_no_leaks({"links": before.links, "mounts": before.mounts},
+                    {"links": after.links, "mounts": after.mounts})
+    assert not any("qemu" in _proc_cmdline(pid) for pid in after.pids)
+    # Destroyed, it stays destroyed across a restart.
+    c.stop()
+    c.start(timeout=60)
+    time.sleep(5)
+    assert _vm_rows(c)["vms"] == []

@@ -48,6 +48,10 @@ def register(sub: Any) -> None:
     la.add_argument("--on", metavar="LAUNCHER-URI",
                     help="ref of a VMLauncher (`metac vm export` on its node); default: this "
                          "node")
+    la.add_argument("--persistent", action="store_true",
+                    help="the printed ref survives node restarts, and the VM is launched "
+                         "again (same kernel, drives, networks, serial streams) when its "
+                         "node restarts")
     la.add_argument("-m", "--memory", type=int, default=512, metavar="MiB",
                     help="guest memory (default 512)")
     la.add_argument("-c", "--vcpus", type=int, default=1, metavar="N",
@@ -182,7 +186,7 @@ async def launch(args: argparse.Namespace) -> int:
                 port.stream, _ = await _restore(res, text, schema.stream.Stream)
         async with rpc_errors():
             vm = (await launcher.launch(config)).vm
-            ref = (await vm.createSturdyRef(persistent=False)).id
+            ref = (await vm.createSturdyRef(persistent=args.persistent)).id
         print(ref_from_struct(ref).format(), flush=True)
         if args.console:
             async with rpc_errors():

@@ -9,10 +9,12 @@ one too), until ``destroy()`` or the guest powers off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import shutil
+from collections.abc import AsyncIterator
 from typing import Any
 
 from metac import errors
@@ -28,7 +30,7 @@ from metac.core.streams import StreamHost
 from metac.core.tasks import TaskSet
 from metac.schema.load import vm as vm_schema
 from metac.vm import accel as accel_mod
-from metac.vm import qemu
+from metac.vm import persist, qemu
 from metac.vm.machine import (
     SERIAL_CATEGORY,
     DrivePlan,
@@ -105,6 +107,8 @@ class VMHost:
         self.base_dir = os.path.join(ctx.env.runtime_dir, "vm")
         self._probe: asyncio.Task[None] | None = None
         self.taps = TapNetworks(ctx)
+        self.closing = False
+        self._relaunch_locks: dict[str, asyncio.Lock] = {}
         self._sweep: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -129,6 +133,13 @@ class VMHost:
             await asyncio.shield(self._probe)
         return self.accel
 
+    @contextlib.asynccontextmanager
+    async def relaunching(self, vm_id: str) -> AsyncIterator[None]:
+        """One relaunch of a persistent VM at a time (its refs may be restored at once)."""
+        lock = self._relaunch_locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            yield
+
     async def launch(self, plan: LaunchPlan, vm_id: str | None = None) -> VirtualMachine:
         accel = await self.accelerator()
         if self._sweep is not None:
@@ -148,13 +159,18 @@ class VMHost:
     def _stopped(self, vm: VirtualMachine) -> None:
         if self.vms.get(vm.id) is vm:
             del self.vms[vm.id]
+        if self.closing:
+            return
         self.tasks.spawn(self._forget(vm), f"forget refs of vm {vm.id}", log_errors=True)
 
     async def _forget(self, vm: VirtualMachine) -> None:
-        # A stopped VM's refs would only answer NotFound: revoke them.
-        await self.ctx.forget(f"vm:{vm.id}")
+        # A stopped VM's refs would only answer NotFound, and a persistent one must not
+        # come back: revoke them. Not when the service stops (it comes back then).
+        for runtime_id in vm_runtime_ids(vm.id):
+            await self.ctx.forget(runtime_id)
 
     async def aclose(self) -> None:
+        self.closing = True
         await asyncio.gather(*(vm.stop() for vm in list(self.vms.values())),
                              return_exceptions=True)
         await self.tasks.aclose()
@@ -178,15 +194,31 @@ class Lease:
                 pass  # event loop already closed (service exit stops every VM)
 
 
+def vm_runtime_ids(vm_id: str) -> tuple[str, str]:
+    """The stored objects of a VM: one for live refs, one for persistent ones."""
+    return f"vm:{vm_id}", f"vm:{vm_id}:persistent"
+
+
 class VMServer(PersistableMixin, vm_schema.VM.Server):
     def __init__(self, ctx: ServiceContext, vm: VirtualMachine) -> None:
         self._ctx = ctx
         self._vm = vm
         self._lease = Lease(vm)
-        self._runtime_id = f"vm:{vm.id}"
 
-    def _describe(self) -> Description:
-        return Description("vm", {"id": self._vm.id})
+    async def createSturdyRef(self, rgroup: Any, persistent: bool, _context: Any,
+                              **kwargs: Any) -> None:
+        vm = self._vm
+        live_id, persistent_id = vm_runtime_ids(vm.id)
+        if persistent:
+            data, caps = persist.describe(vm)
+            desc = Description("vm", data, caps, active=True)
+            vm.persistent = True
+        else:
+            desc = Description("vm", {"id": vm.id})
+        if not _context.params._has("rgroup"):
+            rgroup = None  # unset: pycapnp hands a null client in
+        _context.results.id = await self._ctx.create_ref(
+            self, desc, persistent_id if persistent else live_id, rgroup, bool(persistent))
 
     async def serialPort(self, index: int, _context: Any, **kwargs: Any) -> None:
         _context.results.stream = self._vm.serial_stream(index)
@@ -270,7 +302,15 @@ class VMService(ServiceDefinition):
 
     async def _restore_vm(self, ctx: ServiceContext, data: dict[str, Any],
                           caps: list[Any]) -> Any:
-        vm = self.host.vms.get(str(data.get("id", "")))
+        vm_id = str(data.get("id", ""))
+        vm = self.host.vms.get(vm_id)
+        if vm is None and data.get("persistent") and vm_id.isalnum():
+            async with self.host.relaunching(vm_id):
+                vm = self.host.vms.get(vm_id)
+                if vm is None:
+                    vm = await self.host.launch(persist.plan_from(data, caps), vm_id=vm_id)
+                    vm.persistent = True
+                    log.info("launched persistent VM %s again", vm_id)
         if vm is None:
             raise errors.NotFound("the VM no longer exists")
         return VMServer(ctx, vm)
