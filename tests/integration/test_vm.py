@@ -281,6 +281,7 @@ def test_vm_remote_kernel_drives_and_serial_ports(boot_files, serial_peer,
     assert _debugfs_cat(ro_disk, "from-guest.txt") == ""
 
 
+@pytest.mark.timeout(900)
 def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
     kernel, initrd = boot_files
     (c,) = nodes_factory(1)
@@ -296,9 +297,30 @@ def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
     assert missing.returncode != 0 and missing.stderr.strip().count("\n") == 0
     nokernel = c.metac("vm", "launch", check=False)
     assert nokernel.returncode != 0 and "--kernel" in nokernel.stderr
+    # Not a kernel: QEMU's own reason, in one line.
+    not_kernel = initrd.parent / "not-a-kernel"
+    not_kernel.write_text("not a kernel\n")
+    garbage = c.metac("vm", "launch", "--kernel", f"local:{not_kernel}", check=False,
+                      timeout=120)
+    assert garbage.returncode != 0 and garbage.stderr.strip().count("\n") == 0
+    assert "QEMU did not start" in garbage.stderr, garbage.stderr
+    # A kernel that does not get to the expected output: the last serial lines.
+    panic = c.metac("vm", "launch", "-m", "128", "--kernel", f"local:{kernel}",
+                    "--cmdline", "console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/none",
+                    "--wait-for", "NEVER-PRINTED", "--timeout", "240", check=False,
+                    timeout=300)
+    assert panic.returncode != 0 and panic.stderr.strip().count("\n") == 0, panic.stderr
+    assert "did not print 'NEVER-PRINTED'" in panic.stderr and "panic" in panic.stderr.lower()
     assert _vm_rows(c)["vms"] == []
     assert list((c.runtime_dir / "vm").iterdir()) == []
     assert_no_leaks(before, snapshot(c))
+    # No QEMU on the node: the package to install.
+    c.stop()
+    c.env["METAC_VM_QEMU"] = "/nonexistent/qemu-system-x86_64"
+    c.start(timeout=60)
+    noqemu = c.metac("vm", "launch", "--kernel", f"local:{kernel}", check=False)
+    assert noqemu.returncode != 0 and noqemu.stderr.strip().count("\n") == 0
+    assert "qemu-system-x86" in noqemu.stderr and "install" in noqemu.stderr
 
 
 # Two roles (metac.role= on the command line; the kernel console is ttyS1):

@@ -72,6 +72,11 @@ def register(sub: Any) -> None:
     la.add_argument("--serial", action="append", default=[], metavar="STREAM-URI|new",
                     help="a serial port: a stream ref, or new (reach it later with `metac vm "
                          "console`); repeatable, the first is ttyS0")
+    la.add_argument("--wait-for", metavar="TEXT", default=None,
+                    help="after launching, wait until serial port 0 (a new one) shows TEXT; "
+                         "fail with the last serial lines if it does not within --timeout")
+    la.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                    help="for --wait-for (default 300)")
     la.add_argument("--console", action="store_true",
                     help="then attach this terminal to serial port 0 until the VM stops "
                          "(Ctrl-] detaches and leaves it running)")
@@ -140,8 +145,11 @@ def _check_launch(args: argparse.Namespace) -> None:
 async def launch(args: argparse.Namespace) -> int:
     _check_launch(args)
     serials = list(args.serial)
-    if args.console and not serials:
+    watch_port0 = args.console or args.wait_for is not None
+    if watch_port0 and not serials:
         serials = ["new"]
+    if args.wait_for is not None and serials[0] != "new":
+        raise errors.InvalidArgument("--wait-for reads serial port 0: it must be new")
     async with contextlib.AsyncExitStack() as stack:
         res = Resources(stack)
         if args.on:
@@ -181,13 +189,17 @@ async def launch(args: argparse.Namespace) -> int:
         for i, (port, text) in enumerate(zip(ports, serials, strict=True)):
             if text == "new":
                 # The console attaches right after launch: port 0 waits for it then.
-                port.nowait = not (args.console and i == 0)
+                port.nowait = not (watch_port0 and i == 0)
             else:
                 port.stream, _ = await _restore(res, text, schema.stream.Stream)
         async with rpc_errors():
             vm = (await launcher.launch(config)).vm
             ref = (await vm.createSturdyRef(persistent=args.persistent)).id
         print(ref_from_struct(ref).format(), flush=True)
+        if args.wait_for is not None:
+            async with rpc_errors():
+                stream = (await vm.serialPort(0)).stream
+            await wait_for_output(stream, address, args.wait_for, args.timeout)
         if args.console:
             async with rpc_errors():
                 stream = (await vm.serialPort(0)).stream
@@ -279,6 +291,35 @@ async def destroy(args: argparse.Namespace) -> int:
         async with rpc_errors():
             await vm.destroy()
     return 0
+
+
+async def wait_for_output(stream: Any, address: str, text: str, timeout: float) -> None:
+    """Read a serial port until ``text``; FailedPrecondition with its last lines if the
+    port closes (the VM stopped) or ``timeout`` passes first."""
+    loop = asyncio.get_running_loop()
+    wanted = text.encode()
+    seen = b""
+    ended = "the VM stopped"
+    async with await open_stream(stream, local_address=address) as opened:
+        try:
+            async with asyncio.timeout(timeout):
+                while wanted not in seen:
+                    data = await loop.sock_recv(opened.sock, 65536)
+                    if not data:
+                        break
+                    seen = (seen + data)[-65536:]
+        except TimeoutError:
+            ended = f"{timeout:g} s passed"
+    if wanted in seen:
+        return
+    lines = [line.strip() for line in seen.decode(errors="replace").splitlines()
+             if line.strip()]
+    last = lines[-3:]
+    # A panic's reason comes before its backtrace: keep that line too.
+    last = [line for line in lines if "Kernel panic" in line][-1:] + last
+    tail = " | ".join(line[:160] for line in dict.fromkeys(last)) or "no serial output at all"
+    raise errors.FailedPrecondition(f"the guest did not print {text!r} ({ended}); last "
+                                    f"serial lines: {tail}")
 
 
 async def _attach(stream: Any, address: str, vm: Any) -> None:

@@ -24,7 +24,16 @@ log = logging.getLogger(__name__)
 ACCEL_ENV = "METAC_VM_ACCEL"
 QEMU = "qemu-system-x86_64"
 QEMU_PACKAGE = "qemu-system-x86"
+QEMU_ENV = "METAC_VM_QEMU"  # the QEMU binary to use (default: qemu-system-x86_64 on PATH)
 PROBE_TIMEOUT = 15.0
+
+
+def find_qemu() -> str | None:
+    """The QEMU binary (``METAC_VM_QEMU`` or qemu-system-x86_64 on the PATH), if any."""
+    explicit = os.environ.get(QEMU_ENV, "")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    return shutil.which(QEMU) or shutil.which(QEMU, path="/usr/bin:/bin")
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ async def choose(preference: str | None = None) -> Accelerator:
         return Accelerator("kvm", f"{ACCEL_ENV}=kvm")
     if pref not in ("", "auto"):
         log.warning("%s=%s is not kvm, tcg or auto; probing", ACCEL_ENV, pref[:20])
-    qemu = shutil.which(QEMU)
+    qemu = find_qemu()
     if qemu is None:
         return Accelerator("tcg", f"{QEMU} is not installed (Debian package {QEMU_PACKAGE})")
     try:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +28,11 @@ from metac.core.holder import Revert
 from metac.core.service import Description
 from metac.core.sources import UnixSource
 from metac.core.streams import OpenedStream, StreamHost, StreamServer
-from metac.core.supervisor import Child, Supervisor, require_program
+from metac.core.supervisor import Child, Supervisor
 from metac.core.tasks import TaskSet
 from metac.core.untrusted import bounded, env_int
 from metac.vm import qemu
-from metac.vm.accel import QEMU, QEMU_PACKAGE
+from metac.vm.accel import QEMU, QEMU_PACKAGE, find_qemu
 from metac.vm.taps import TapNetworks, random_mac
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,9 @@ class VirtualMachine:
             raise
 
     async def _start(self) -> None:
-        binary = require_program(QEMU, QEMU_PACKAGE)
+        binary = find_qemu()
+        if binary is None:
+            raise errors.MissingDependency(QEMU, QEMU_PACKAGE)
         plan = self.plan
         os.makedirs(os.path.dirname(self.dir), mode=0o700, exist_ok=True)
         os.mkdir(self.dir, 0o700)
@@ -200,7 +203,8 @@ class VirtualMachine:
                 os.close(fd)
         child = self.child
         self._revert.add(lambda: self.supervisor.stop(child, grace=5.0), "stop QEMU")
-        await self._wait_started(child, spec.qmp_socket)
+        waiting = any(s.listen_path is not None and not s.nowait for s in spec.serials)
+        await self._wait_started(child, spec.qmp_socket, greeting=not waiting)
         self.started = time.time()
         self.state = "running"
         self.tasks.spawn(self._watch(child), f"watch vm {self.id}", log_errors=True)
@@ -250,15 +254,37 @@ class VirtualMachine:
                                   f"(it has {len(self.networks)})")
         return self.networks[index]
 
-    async def _wait_started(self, child: Child, qmp_socket: str) -> None:
+    async def _wait_started(self, child: Child, qmp_socket: str, greeting: bool) -> None:
+        """Until QEMU's monitor greets us: the machine is set up then (the kernel and
+        initrd loaded, the drives opened). If QEMU exits first, its last words say why.
+
+        Without ``greeting`` only until the monitor's socket exists: a serial port that
+        waits for its first connection holds QEMU's start-up until somebody opens it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        while not os.path.exists(qmp_socket):
-            if child.returncode is not None or loop.time() > deadline:
-                await asyncio.sleep(0.1)  # let QEMU's last words reach its log
-                raise errors.FailedPrecondition(f"QEMU did not start: {self._log_tail(child)}")
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while not os.path.exists(qmp_socket):
+                    if child.returncode is not None:
+                        raise EOFError
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(child.wait()), 0.05)
+                if not greeting:
+                    return
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                with sock:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, qmp_socket)
+                    greeting = b""
+                    while b"\n" not in greeting:
+                        data = await loop.sock_recv(sock, 4096)
+                        if not data:
+                            raise EOFError
+                        greeting += data
+        except (EOFError, OSError, TimeoutError):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(child.wait()), 0.05)
+                await asyncio.wait_for(asyncio.shield(child.wait()), 1.0)
+            raise errors.FailedPrecondition(
+                f"QEMU did not start: {self._log_tail(child)}") from None
 
     @staticmethod
     def _log_tail(child: Child) -> str:
