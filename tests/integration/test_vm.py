@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from metac.testing.guest import GuestUnavailable, find_kernel, module_closure
+from metac.testing.guest import GuestUnavailable, find_kernel
 from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
-from metac.vm.initrd import build_initrd
+from metac.vm.initrd import build_initrd, module_closure
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
 
@@ -422,3 +423,38 @@ def test_vm_virtual_cable_and_persistence(boot_files, nodes_factory, tmp_path: P
     c.start(timeout=60)
     time.sleep(5)
     assert _vm_rows(c)["vms"] == []
+
+
+@pytest.mark.timeout(900)
+def test_vm_helpers_boot_a_root_disk_made_from_a_directory(nodes_factory,
+                                                           tmp_path: Path) -> None:
+    kernel = find_kernel()
+    (c,) = nodes_factory(1)
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "sbin").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    os.symlink("busybox", root / "bin" / "sh")
+    (root / "sbin" / "init").write_text(
+        "#!/bin/sh\n/bin/busybox echo \"ROOT-BOOTED $(/bin/busybox cat /etc/marker)\" "
+        ">/dev/console\n/bin/busybox sleep 600\n")
+    (root / "sbin" / "init").chmod(0o755)
+    (root / "etc").mkdir()
+    (root / "etc" / "marker").write_text("from-the-image\n")
+    initrd, image = tmp_path / "initrd.gz", tmp_path / "root.img"
+    out = c.metac("vm", "initrd", "--modules-dir", str(kernel.modules_dir), str(initrd))
+    assert out.stdout.strip() == str(initrd) and initrd.stat().st_size > 0
+    out = c.metac("vm", "disk", "--from", str(root), str(image), timeout=120)
+    assert out.stdout.strip() == str(image)
+    again = c.metac("vm", "disk", "--from", str(root), str(image), check=False)
+    assert again.returncode != 0 and "exists" in again.stderr
+    before = snapshot(c)
+
+    vm = c.metac("vm", "launch", "-m", "256", "--kernel", f"local:{kernel.vmlinuz}",
+                 "--initrd", f"local:{initrd}", "--drive", f"local:{image}",
+                 "--cmdline", "console=ttyS0 quiet root=/dev/vda",
+                 "--wait-for", "ROOT-BOOTED from-the-image", "--timeout", "300",
+                 timeout=400).stdout.strip()
+    c.metac("vm", "destroy", vm, timeout=60)
+    assert _vm_rows(c)["vms"] == []
+    assert_no_leaks(before, snapshot(c))

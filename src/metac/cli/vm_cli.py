@@ -19,13 +19,14 @@ import sys
 import termios
 import time
 import tty
+from pathlib import Path
 from typing import Any
 
 from metac import errors
 from metac.api import ref_from_struct, rpc_errors, schema
 from metac.api import service_admin as get_service_admin
 from metac.cli.fs_cli import Resources
-from metac.cli.output import as_json, table
+from metac.cli.output import as_json, local_path, table
 from metac.codec.locators import Locator, RefLocator
 from metac.core.streams import local_address_for, open_stream
 
@@ -103,6 +104,27 @@ def register(sub: Any) -> None:
     se.add_argument("--port", type=int, default=0, help="serial port (default 0)")
     se.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
     se.set_defaults(func=serial)
+
+    ir = s.add_parser("initrd", help="write a small initrd to boot: busybox, virtio and ext4 "
+                                      "modules; a shell, or root=DEVICE's /sbin/init")
+    ir.add_argument("output", type=local_path, help="where to write it (gzip'd cpio)")
+    ir.add_argument("--modules-dir", type=local_path, default=None, metavar="DIR",
+                    help="the kernel's module tree (default /lib/modules/$(uname -r))")
+    ir.add_argument("--module", action="append", default=None, metavar="NAME",
+                    help="a module to load at boot, with its dependencies (repeatable; "
+                         "default: virtio_pci virtio_blk virtio_net crc32c_generic ext4)")
+    ir.add_argument("--busybox", type=local_path, default="/bin/busybox",
+                    help="a static busybox (default /bin/busybox, package busybox-static)")
+    ir.set_defaults(func=make_initrd)
+
+    dk = s.add_parser("disk", help="make an ext4 disk image from a directory (e.g. a "
+                                    "debootstrap root), for --drive")
+    dk.add_argument("output", type=local_path, help="the image file to write")
+    dk.add_argument("--from", dest="source", type=local_path, required=True, metavar="DIR",
+                    help="directory whose content the image holds")
+    dk.add_argument("--size", type=int, default=0, metavar="MiB",
+                    help="image size (default: the directory's size plus a margin)")
+    dk.set_defaults(func=make_disk)
 
     de = s.add_parser("destroy", help="stop a VM and release everything it used")
     de.add_argument("vm", metavar="VM-URI", help="ref printed by `metac vm launch`")
@@ -320,6 +342,73 @@ async def wait_for_output(stream: Any, address: str, text: str, timeout: float) 
     tail = " | ".join(line[:160] for line in dict.fromkeys(last)) or "no serial output at all"
     raise errors.FailedPrecondition(f"the guest did not print {text!r} ({ended}); last "
                                     f"serial lines: {tail}")
+
+
+def make_initrd(args: argparse.Namespace) -> int:
+    from metac.vm import initrd
+
+    busybox = Path(args.busybox)
+    try:
+        binary = busybox.read_bytes()
+    except OSError as exc:
+        raise errors.MissingDependency(str(busybox), "busybox-static") from exc
+    if b"/lib64/ld-linux" in binary[:4096] or b"/lib/ld-linux" in binary[:4096]:
+        raise errors.FailedPrecondition(f"{busybox} is not statically linked; install the "
+                                        "Debian package busybox-static")
+    modules_dir = Path(args.modules_dir or f"/lib/modules/{os.uname().release}")
+    names = args.module if args.module is not None else list(initrd.DEFAULT_MODULES)
+    modules: list[tuple[str, bytes]] = []
+    if names:
+        if not (modules_dir / "modules.dep").is_file():
+            raise errors.NotFound(f"no modules.dep in {modules_dir} (give --modules-dir, or "
+                                  "--module '' for none)")
+        try:
+            paths = initrd.module_closure(modules_dir, [n for n in names if n])
+            modules = [initrd.read_module(modules_dir / rel) for rel in paths]
+        except KeyError as exc:
+            raise errors.NotFound(f"module {exc.args[0]} is not in {modules_dir}") from None
+        except (OSError, ValueError) as exc:
+            raise errors.FailedPrecondition(str(exc)) from None
+    data = initrd.build_initrd(binary, initrd.DEFAULT_INIT, modules)
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, output)
+    print(f"{output}: busybox and {len(modules)} modules ({len(data) >> 10} KiB)",
+          file=sys.stderr)
+    print(output)
+    return 0
+
+
+def make_disk(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    mkfs = shutil.which("mkfs.ext4", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if mkfs is None:
+        raise errors.MissingDependency("mkfs.ext4", "e2fsprogs")
+    source = Path(args.source)
+    if not source.is_dir():
+        raise errors.NotFound(f"no directory {source}")
+    size = args.size
+    if size <= 0:
+        used = sum(os.lstat(os.path.join(d, f)).st_size
+                   for d, _, files in os.walk(source) for f in files)
+        size = max(64, int(used * 1.3 / (1 << 20)) + 64)
+    output = Path(args.output)
+    if output.exists():
+        raise errors.AlreadyExists(f"{output} exists")
+    with open(output, "wb") as f:
+        f.truncate(size << 20)
+    proc = subprocess.run([mkfs, "-q", "-F", "-d", str(source), str(output)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        output.unlink()
+        message = " ".join(proc.stderr.split())[:300]
+        raise errors.FailedPrecondition(f"mkfs.ext4 failed: {message}")
+    print(f"{output}: ext4, {size} MiB, from {source}", file=sys.stderr)
+    print(output)
+    return 0
 
 
 async def _attach(stream: Any, address: str, vm: Any) -> None:
