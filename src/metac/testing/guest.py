@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import gzip
 import hashlib
-import io
 import os
 import shlex
 import shutil
