@@ -262,7 +262,7 @@ def test_empty_listings_print_their_header(nodes_factory) -> None:
                           "READ_ONLY"],
         ("ps",): ["ID", "PID", "STATUS", "STARTED", "COMMAND"],
         ("ps", "-a"): ["ID", "PID", "STATUS", "STARTED", "COMMAND"],
-        ("ref", "ls"): ["ID", "SERVICE", "CATEGORY", "PERSISTENT", "CREATED", "GROUP", "LIVE"],
+        ("ref", "ls"): ["ID", "SERVICE", "CATEGORY", "PERSISTENT", "CREATED", "GROUP", "LIVE", "PARENT"],
     }
     for words, header in headers.items():
         out = a.metac(*words).stdout

@@ -8,7 +8,8 @@ cancelled (the stream's holder was released or dropped) it stops the program.
 One program serves one connection, so nothing is shared between clients.
 sftp-server reads the client's requests through ``sftpfilter`` (a thread of ours
 between the connection and its stdin), so that no request makes it follow a symlink
-where Linux would not; it writes its replies to the connection directly.
+where Linux would not and, squashed, no request sets a setuid or setgid bit (they are
+cleared); it writes its replies to the connection directly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import secrets
 import socket
@@ -31,6 +33,8 @@ from metac.fs import sandbox as sb
 from metac.fs import sftpfilter, squash
 from metac.fs.resolve import Directory, Entry
 
+log = logging.getLogger(__name__)
+
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 CHILD_GRACE = 2.0
 RECV_CHUNK = 1 << 20
@@ -41,14 +45,15 @@ DIOD_ROOT_KEEPS = ("setgid",)
 
 
 async def run_on_connection(supervisor: Supervisor, endpoint: Endpoint, box: sb.Sandbox, *,
-                            name: str, stdio: bool, filter_requests: bool = False) -> int:
+                            name: str, stdio: bool,
+                            rewrites: sftpfilter.Rewrites | None = None) -> int:
     """Run ``box`` on the connection (as stdin/stdout if ``stdio``); wait for it to end.
 
-    ``filter_requests`` (stdio only): the program's stdin is a pipe fed through
+    ``rewrites`` (stdio only): the program's stdin is a pipe fed through
     ``sftpfilter`` by a thread of ours; it still writes to the connection directly."""
     fd = endpoint.read_fd
     os.set_blocking(fd, True)  # the program does blocking I/O on it
-    requests = RequestPump(fd) if stdio and filter_requests else None
+    requests = RequestPump(fd, rewrites) if stdio and rewrites else None
     extra = {"stdin": fd if requests is None else requests.stdin, "stdout": fd} if stdio else {}
     try:
         # One program per connection: its stderr goes to the service's log (no file each).
@@ -77,9 +82,11 @@ class RequestPump:
     """The thread that copies the connection into the server's stdin through
     ``sftpfilter.RequestFilter``. The thread owns its fds once started; ``stop``
     shuts the connection down (through a socket of its own), which ends the thread's
-    read, and waits for it."""
+    read, and waits for it. A request the filter refuses ends the server's stdin
+    (the server exits, which closes the connection)."""
 
-    def __init__(self, conn_fd: int) -> None:
+    def __init__(self, conn_fd: int, rewrites: sftpfilter.Rewrites | None = None) -> None:
+        self.request_filter = sftpfilter.RequestFilter(rewrites)
         self._sock = socket.socket(fileno=os.dup(conn_fd))
         self._conn = os.dup(conn_fd)
         self.stdin, self._stdin_w = os.pipe()
@@ -89,11 +96,13 @@ class RequestPump:
         os.close(self.stdin)  # the server has its copy
         loop = asyncio.get_running_loop()
         done = self._done = loop.create_future()
-        conn, stdin_w = self._conn, self._stdin_w
+        conn, stdin_w, request_filter = self._conn, self._stdin_w, self.request_filter
 
         def run() -> None:
             try:
-                sftpfilter.pump(conn, stdin_w)  # closes stdin_w
+                sftpfilter.pump(conn, stdin_w, request_filter)  # closes stdin_w
+                if request_filter.refused:
+                    log.warning("%s: client's stream refused: %s", name, request_filter.refused)
             finally:
                 os.close(conn)
                 with contextlib.suppress(RuntimeError):  # the loop is closed
@@ -160,13 +169,13 @@ def file_server_box(program: list[str], files: tuple[str, ...], caps: tuple[str,
 
 async def _serve_directory(supervisor: Supervisor, box_of: Any, directory: Directory,
                            endpoint: Endpoint, *, name: str, stdio: bool,
-                           filter_requests: bool = False) -> None:
+                           rewrites: sftpfilter.Rewrites | None = None) -> None:
     own = directory.dup()
     box = None
     try:
         box = box_of(own)
         await run_on_connection(supervisor, endpoint, box, name=name, stdio=stdio,
-                                filter_requests=filter_requests)
+                                rewrites=rewrites)
     finally:
         own.close()
         if box is not None and box.seccomp_fd >= 0:
@@ -188,12 +197,14 @@ async def serve_sftp(supervisor: Supervisor, identity_dir: str, directory: Direc
     """sftp-server (no SSH layer) serving ``directory`` (as /export) on stdin/stdout."""
     if not os.access(SFTP_SERVER, os.X_OK):
         raise errors.MissingDependency(SFTP_SERVER, "openssh-sftp-server")
-    # SETSTAT becomes lsetstat (never follows a symlink) where the server has it.
+    # SETSTAT becomes lsetstat (never follows a symlink) where the server has it;
+    # squashed, modes lose their setuid/setgid bits (nosuid) instead of failing.
+    rewrites = sftpfilter.Rewrites(lsetstat=sftpfilter.server_has_lsetstat(SFTP_SERVER),
+                                   strip_setid=owner is not None)
     await _serve_directory(supervisor, lambda own: file_server_box(
         sftp_argv(read_only), sb.program_files(SFTP_SERVER), sb.CAPS_FILE_SERVER, own,
         read_only, owner, identity_dir),
-        directory, endpoint, name="sftp-server", stdio=True,
-        filter_requests=sftpfilter.server_has_lsetstat(SFTP_SERVER))
+        directory, endpoint, name="sftp-server", stdio=True, rewrites=rewrites)
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,8 +17,12 @@ By default (like NFS ``root_squash``, but towards the directory's owner rather t
   so callers fall back to ``openat``. The kernel itself clears both bits when a
   file is written or chowned by a process without ``CAP_FSETID``.
 
-A server cannot rewrite a request, so a chmod that asks for the setuid or setgid
-bit fails as a whole instead of being applied without them.
+A server cannot rewrite a request, so on its own a chmod that asks for the setuid
+or setgid bit fails as a whole instead of being applied without them. That is what
+diod (kernel 9p, reached by the client directly) does; for sftp-server the fs service
+clears both bits from every mode in the client's requests first
+(``sftpfilter.Rewrites.strip_setid``), so the request succeeds without them and this
+filter stays as a second line.
 
 ``preserve`` (``metac fs export --preserve-owners``) keeps the server root with the
 capabilities it needs to serve files of every owner: the holder is then

@@ -102,7 +102,7 @@ def nodes_factory(
             n: int,
             extra_services: Mapping[str, str] | None = None,
             *,
-            timeout: float = 30.0,
+            timeout: float | None = None,
             ipv6: bool = False,
             env: Mapping[str, str] | None = None,
         ) -> list[NodeHost]:
@@ -115,10 +115,16 @@ def nodes_factory(
             for node in nodes:  # start all, then wait: nodes boot in parallel
                 node.start(extra_services, wait=False)
             for node in nodes:
-                node.wait_ready(timeout)
+                node.wait_ready(ready_timeout() if timeout is None else timeout)
             return nodes
 
         yield make
+
+
+def ready_timeout() -> float:
+    """Seconds a test node may take to report ready: 30, or ``METAC_TEST_READY_TIMEOUT``
+    (the QEMU guest's tests, where everything runs emulated, set more)."""
+    return float(os.environ.get("METAC_TEST_READY_TIMEOUT") or 30.0)
 
 
 @pytest.hookimpl(wrapper=True)

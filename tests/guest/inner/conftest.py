@@ -6,6 +6,7 @@ reach from here, so that directory is put on sys.path."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -22,6 +23,10 @@ from fs_support import node_pair  # noqa: E402
 from metac.testing.nodes import NodeHost  # noqa: E402
 
 _nodes_key = pytest.StashKey[list[NodeHost]]()
+
+# Everything in the guest runs emulated (TCG): a node takes several times as long to
+# come up as on the host, more so while the host is busy.
+os.environ.setdefault("METAC_TEST_READY_TIMEOUT", "180")
 
 
 @pytest.fixture
