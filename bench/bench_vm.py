@@ -12,7 +12,8 @@ times, in the same run:
   (b) the same ``qemu-system-x86_64`` command run directly (kernel and initrd as
       paths, serial on stdout), from its start until the same line;
   (c) disk: inside the guest, ``dd`` reads and then writes SIZE MiB of ``/dev/vda``
-      with O_DIRECT in 4 MiB blocks (timed by the guest's clock): through metac
+      ROUNDS times, with O_DIRECT in 4 MiB blocks (timed by the guest's clock): through
+      metac
       (``--drive local:IMAGE``: QEMU's NBD client on the block device's NBD stream,
       served by nbdkit) vs the same image as a plain local file drive of QEMU (its
       default cache mode; both sides read through the host's page cache).
@@ -65,6 +66,7 @@ MARKER = "BENCH-BOOTED"
 CMDLINE = "console=ttyS0 panic=-1 quiet rdinit=/init"
 MODULES = ("virtio_pci", "virtio_blk")
 MEMORY = 256
+ROUNDS = 8  # the disk is read and written this many times (the guest's clock has 10 ms)
 
 # First line as early as possible; then, with a disk, dd read and write timed by the
 # guest's clock (/proc/uptime, 10 ms), then power off.
@@ -77,14 +79,20 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 for m in $(cat /modules/load-order); do insmod "/modules/$m"; done
 size=$(sed -n 's/.*bench.size=\([0-9]*\).*/\1/p' /proc/cmdline)
+rounds=$(sed -n 's/.*bench.rounds=\([0-9]*\).*/\1/p' /proc/cmdline)
 if [ -n "$size" ]; then
     for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done
     t0=$(cut -d' ' -f1 /proc/uptime)
-    dd if=/dev/vda of=/dev/null bs=4M count="$((size / 4))" iflag=direct 2>/dev/null
+    for r in $(seq "$rounds"); do
+        dd if=/dev/vda of=/dev/null bs=4M count="$((size / 4))" iflag=direct 2>/dev/null
+    done
     t1=$(cut -d' ' -f1 /proc/uptime)
     echo "BENCH-READ $t0 $t1" >/dev/ttyS0
     t0=$(cut -d' ' -f1 /proc/uptime)
-    dd if=/dev/zero of=/dev/vda bs=4M count="$((size / 4))" oflag=direct conv=fsync 2>/dev/null
+    for r in $(seq "$rounds"); do
+        dd if=/dev/zero of=/dev/vda bs=4M count="$((size / 4))" oflag=direct conv=fsync \
+            2>/dev/null
+    done
     t1=$(cut -d' ' -f1 /proc/uptime)
     echo "BENCH-WRITE $t0 $t1" >/dev/ttyS0
 fi
@@ -173,7 +181,8 @@ def disk_metac(node: Node, kernel: Path, initrd: Path, image: Path, size: int) -
     """The guest's serial output, disk through metac (launch --console until power-off)."""
     return node.metac("vm", "launch", "-m", str(MEMORY), "--kernel", f"local:{kernel}",
                       "--initrd", f"local:{initrd}", "--cmdline",
-                      f"{CMDLINE} bench.size={size}", "--drive", f"local:{image}",
+                      f"{CMDLINE} bench.size={size} bench.rounds={ROUNDS}",
+                      "--drive", f"local:{image}",
                       "--console")
 
 
@@ -183,7 +192,7 @@ def throughput(output: str, what: str, size: int) -> float:
     if m is None:
         raise RuntimeError(f"no BENCH-{what} line in the guest's output: {output[-500:]}")
     seconds = max(0.01, float(m.group(2)) - float(m.group(1)))
-    return size / seconds
+    return size * ROUNDS / seconds
 
 
 def summary(samples: list[float]) -> dict[str, Any]:
@@ -246,8 +255,9 @@ def main() -> int:
         boot_d = [run_direct(direct_argv(qemu, accel, kernel, initrd, CMDLINE), MARKER)[0]
                   for _ in range(samples)]
         out_m = disk_metac(node, kernel, initrd, image, size)
-        _, out_d = run_direct(direct_argv(qemu, accel, kernel, initrd,
-                                          f"{CMDLINE} bench.size={size}", image), "BENCH-DONE")
+        disk_cmdline = f"{CMDLINE} bench.size={size} bench.rounds={ROUNDS}"
+        _, out_d = run_direct(direct_argv(qemu, accel, kernel, initrd, disk_cmdline, image),
+                              "BENCH-DONE")
         read_m, write_m = throughput(out_m, "READ", size), throughput(out_m, "WRITE", size)
         read_d, write_d = throughput(out_d, "READ", size), throughput(out_d, "WRITE", size)
     finally:
