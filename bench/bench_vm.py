@@ -13,9 +13,8 @@ times, in the same run:
       paths, serial on stdout), from its start until the same line;
   (c) disk: inside the guest, ``dd`` reads and then writes SIZE MiB of ``/dev/vda``
       ROUNDS times, with O_DIRECT in 4 MiB blocks (timed by the guest's clock): through
-      metac
-      (``--drive local:IMAGE``: QEMU's NBD client on the block device's NBD stream,
-      served by nbdkit) vs the same image as a plain local file drive of QEMU (its
+      metac (``--drive local:IMAGE``: QEMU's NBD client on the block device's NBD
+      stream, served by nbdkit) vs the same image as a plain local file drive of QEMU (its
       default cache mode; both sides read through the host's page cache).
 
 The figures are the ratios (metac / direct); under TCG the absolute numbers are
