@@ -463,3 +463,57 @@ def test_vm_helpers_boot_a_root_disk_made_from_a_directory(nodes_factory,
         time.sleep(1)
     assert _vm_rows(c)["vms"] == []
     assert_no_leaks(before, snapshot(c))
+
+
+# Reads a block of /dev/vda (uncached) every second and says how it went on ttyS0.
+READER_INIT = textwrap.dedent(r"""
+    #!/bin/busybox sh
+    /bin/busybox --install -s /bin
+    export PATH=/bin
+    mount -t devtmpfs devtmpfs /dev
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    for m in $(cat /modules/load-order); do insmod "/modules/$m"; done
+    i=0
+    while :; do
+        i=$((i + 1))
+        if dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$((i % 1000)) iflag=direct \
+                2>/dev/null; then
+            echo "READ-OK $i" >/dev/ttyS0
+        else
+            echo "READ-ERROR $i" >/dev/ttyS0
+        fi
+        sleep 1
+    done
+""").lstrip()
+
+
+@pytest.mark.timeout(900)
+def test_vm_remote_disk_going_away_is_an_io_error(nodes_factory, tmp_path: Path) -> None:
+    kernel = find_kernel()
+    a, c = nodes_factory(2)
+    os.chmod(tmp_path, 0o755)
+    initrd = tmp_path / "reader-initrd.gz"
+    initrd.write_bytes(build_initrd(Path("/bin/busybox").read_bytes(), READER_INIT,
+                                    _guest_modules()))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20) * 8)
+    disk_ref = a.metac("block", "export", f"local:{disk}").stdout.strip()
+    vm = c.metac("vm", "launch", "-m", "128", "--kernel", f"local:{kernel.vmlinuz}",
+                 "--initrd", f"local:{initrd}", "--cmdline", CMDLINE, "--drive", disk_ref,
+                 "--serial", "new", timeout=120).stdout.strip()
+    console = c.popen("vm", "console", vm)
+    try:
+        out = LineReader(console)
+        out.wait_for("READ-OK", BOOT_TIMEOUT)
+        a.stop()  # the disk's node goes away
+        out.wait_for("READ-ERROR", 120)
+        (row,) = _vm_rows(c)["vms"]
+        assert row["state"] == "running"
+        time.sleep(2)
+        assert len(_vm_rows(c)["vms"]) == 1  # the VM keeps running
+    finally:
+        console.terminate()
+        console.wait(30)
+    c.metac("vm", "destroy", vm, timeout=60)
+    assert _vm_rows(c)["vms"] == []
