@@ -287,6 +287,9 @@ def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
     kernel, initrd = boot_files
     (c,) = nodes_factory(1)
     before = snapshot(c)
+    status = json.loads(c.metac("node", "status", "--json").stdout)
+    assert status["vmAccelerator"].split()[0] in ("kvm", "tcg")
+    assert "VMs run with" in c.metac("node", "status").stdout
     small = c.metac("vm", "launch", "-m", "8", "--kernel", f"local:{kernel}", check=False)
     assert small.returncode != 0
     assert small.stderr.strip().count("\n") == 0
