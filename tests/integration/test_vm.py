@@ -236,6 +236,10 @@ def test_vm_remote_kernel_drives_and_serial_ports(boot_files, serial_peer,
     assert row["pid"] > 0 and row["accel"] == listing["accelerator"]
     # The QEMU process runs as the node's child, and its sockets live in a 0700 directory.
     assert row["pid"] in c.pids()
+    # QEMU dropped root once the machine was set up (a user of its own).
+    uids = [line.split()[1:] for line in Path(f"/proc/{row['pid']}/status").read_text()
+            .splitlines() if line.startswith("Uid:")][0]
+    assert "0" not in uids, uids
     (private,) = list(vm_dir.iterdir())
     assert (private.stat().st_mode & 0o777) == 0o700
 

@@ -119,7 +119,8 @@ class VirtualMachine:
 
     def __init__(self, vm_id: str, plan: LaunchPlan, accel: str, *, host: StreamHost,
                  supervisor: Supervisor, tasks: TaskSet, base_dir: str,
-                 taps: TapNetworks | None = None) -> None:
+                 taps: TapNetworks | None = None,
+                 run_as: tuple[int, int] | None = None) -> None:
         self.id = vm_id
         self.plan = plan
         self.accel = accel
@@ -127,6 +128,7 @@ class VirtualMachine:
         self.supervisor = supervisor
         self.tasks = tasks
         self.taps = taps
+        self.run_as = run_as
         self.networks: list[Any] = []  # L2Interface of each NIC
         self.tap_names: set[str] = set()
         self.dir = os.path.join(base_dir, vm_id)
@@ -191,7 +193,8 @@ class VirtualMachine:
             spec = qemu.MachineSpec(
                 accel=self.accel, memory_mib=plan.memory_mib, vcpus=plan.vcpus,
                 qmp_socket=os.path.join(self.dir, "qmp.sock"), kernel=kernel,
-                boot_disk=plan.boot_disk, serials=serials, drives=drives, nics=nics)
+                boot_disk=plan.boot_disk, serials=serials, drives=drives, nics=nics,
+                run_as=self.run_as)
             try:
                 argv = qemu.qemu_argv(binary, spec)
             except qemu.SpecError as exc:

@@ -71,6 +71,8 @@ class MachineSpec:
     serials: Sequence[SerialSpec] = field(default_factory=tuple)
     drives: Sequence[DriveSpec] = field(default_factory=tuple)
     nics: Sequence[NicSpec] = field(default_factory=tuple)
+    #: (uid, gid) QEMU switches to once the machine is set up (None: stays as it is).
+    run_as: tuple[int, int] | None = None
 
 
 def check(spec: MachineSpec) -> None:
@@ -101,6 +103,8 @@ def check(spec: MachineSpec) -> None:
             raise SpecError(f"bad tap device name {n.tap!r}")
         if n.mac and (len(n.mac) != 17 or any(c not in "0123456789abcdef:" for c in n.mac)):
             raise SpecError(f"bad MAC address {n.mac!r}")
+    if spec.run_as is not None and min(spec.run_as) <= 0:
+        raise SpecError("QEMU must not run as root or with a negative id")
     if len([s for s in spec.serials if not s.virtio]) > 4:
         raise SpecError("at most 4 default (ISA) serial ports; use the virtio driver for more")
 
@@ -121,7 +125,11 @@ def qemu_argv(qemu: str, spec: MachineSpec) -> list[str]:
         "-chardev", f"socket,id=qmp,path={_escape(spec.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-no-reboot",
+        # seccomp: no obsolete system calls, no new processes, no scheduler changes.
+        "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
     ]
+    if spec.run_as is not None:
+        argv += ["-runas", f"{spec.run_as[0]}:{spec.run_as[1]}"]
     if spec.kernel is not None:
         argv += ["-kernel", f"/dev/fd/{spec.kernel.kernel_fd}"]
         if spec.kernel.initrd_fd is not None:

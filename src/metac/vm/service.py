@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import shutil
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,6 +47,11 @@ log = logging.getLogger(__name__)
 MAX_SERIAL_PORTS = 16
 MAX_DRIVES = 16
 MAX_NICS = 8
+#: QEMU drops root once a VM is set up, to a user and group of its own (one per VM,
+#: so one VM's QEMU cannot ptrace or signal another's): RUNAS_BASE + slot.
+RUNAS_ENV = "METAC_VM_RUNAS"  # "off": QEMU keeps the service's user
+RUNAS_BASE = 0x6D430000
+RUNAS_SLOTS = 65536
 DEFAULT_MEMORY_MIB = 512
 
 
@@ -142,11 +148,13 @@ class VMHost:
 
     async def launch(self, plan: LaunchPlan, vm_id: str | None = None) -> VirtualMachine:
         accel = await self.accelerator()
+        vm_id = vm_id or secrets.token_hex(8)
         if self._sweep is not None:
             await asyncio.shield(self._sweep)
-        vm = VirtualMachine(vm_id or secrets.token_hex(8), plan, accel.name,
+        vm = VirtualMachine(vm_id, plan, accel.name,
                             host=self.streams, supervisor=self.ctx.supervisor,
-                            tasks=self.tasks, base_dir=self.base_dir, taps=self.taps)
+                            tasks=self.tasks, base_dir=self.base_dir, taps=self.taps,
+                            run_as=self._run_as(vm_id))
         self.vms[vm.id] = vm
         vm.on_stopped = self._stopped
         try:
@@ -155,6 +163,18 @@ class VMHost:
             self.vms.pop(vm.id, None)
             raise
         return vm
+
+    def _run_as(self, vm_id: str) -> tuple[int, int] | None:
+        """A user and group for this VM's QEMU no other running VM has (None: keep root)."""
+        if os.geteuid() != 0 or os.environ.get(RUNAS_ENV, "").lower() == "off":
+            return None
+        taken = {vm.run_as for vm in self.vms.values()}
+        slot = zlib.crc32(vm_id.encode()) % RUNAS_SLOTS
+        for step in range(RUNAS_SLOTS):
+            uid = RUNAS_BASE + (slot + step) % RUNAS_SLOTS
+            if (uid, uid) not in taken:
+                return uid, uid
+        return None
 
     def _stopped(self, vm: VirtualMachine) -> None:
         if self.vms.get(vm.id) is vm:
