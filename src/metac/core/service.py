@@ -17,10 +17,12 @@ maps each category to the function that rebuilds the object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import sys
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -65,6 +67,9 @@ class ServiceContext:
         #: runtime id -> interface schema of this service's persisted objects, so that
         #: Service.restore can serve each one through a proxy of its interface.
         self.interfaces: dict[str, Any] = {}
+        #: runtime id -> the object itself where it is a server of this process (the
+        #: membrane then calls it without a second dispatch); weak: refs do not keep it.
+        self.objects: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self.membranes = Membranes(self._adopt_child)
 
     async def _adopt_child(self, parent_key: bytes, ref: Any, alias: bool) -> None:
@@ -87,6 +92,12 @@ class ServiceContext:
         addr.port = self.env.node_port if self.env.node_port != 901 else 0
         return addr
 
+    def note_object(self, runtime_id: str, obj: Any) -> None:
+        """Remember ``obj`` by runtime id if it is a server object of this process."""
+        if isinstance(obj, Servant):
+            with contextlib.suppress(TypeError):  # not weakly referable: no fast path
+                self.objects[runtime_id] = obj
+
     async def forget(self, runtime_id: str) -> int:
         """Revoke every ref of this service's object with ``runtime_id``; how many."""
         return (await self.handler.forget(runtime_id)).revoked
@@ -97,6 +108,7 @@ class ServiceContext:
         schema = getattr(obj, "schema", None)  # a server class's or a typed client's interface
         if schema is not None:
             self.interfaces[runtime_id] = schema
+        self.note_object(runtime_id, obj)
         msg = persistence.CapDescription.new_message()
         msg.runtimeId = runtime_id
         msg.category = desc.category
@@ -183,7 +195,8 @@ class ServiceBootstrap(Servant, core.Service.Server):
             log.warning("no interface known for a restored %s object", ctx.name)
             raise errors.Unavailable("this object cannot be restored now; try again")
         _context.results.obj = ctx.membranes.wrap(
-            bytes(res.refKey), bool(res.persistent), res.obj.as_interface(schema), schema)
+            bytes(res.refKey), bool(res.persistent), res.obj.as_interface(schema), schema,
+            local=ctx.objects.get(res.runtimeId))
 
     async def dropAlias(self, objectInfo: bytes, **kwargs: Any) -> None:
         await self._ctx.handler.dropAlias(objectInfo)
@@ -212,6 +225,7 @@ class RestorerServer(Servant, persistence.Restorer.Server):
             schema = getattr(obj, "schema", None)  # a server class's or a client's interface
             if schema is not None:
                 self._service.ctx.interfaces[description.runtimeId] = schema
+            self._service.ctx.note_object(description.runtimeId, obj)
         _context.results.cap = obj
 
     async def revoke(self, refs: Any, **kwargs: Any) -> None:
