@@ -26,6 +26,7 @@ import pytest
 
 from metac.testing.guest import GuestUnavailable, find_kernel
 from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
+from metac.vm import qemu
 from metac.vm.initrd import build_initrd, module_closure
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_root")]
@@ -322,6 +323,13 @@ def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
     assert _vm_rows(c)["vms"] == []
     assert list((c.runtime_dir / "vm").iterdir()) == []
     assert_no_leaks(before, snapshot(c))
+    # BIOS boot from drive 0 (a boot sector that writes to COM1), the drive through NBD.
+    sector = initrd.parent / "boot-sector.img"
+    sector.write_bytes(qemu.probe_boot_sector(b"BIOSOK") + bytes(1 << 20))
+    booted = c.metac("vm", "launch", "-m", "32", "--boot-disk", "0", "--drive",
+                     f"local:{sector},driver=ide", "--wait-for", "BIOSOK", "--timeout", "120",
+                     timeout=180).stdout.strip()
+    c.metac("vm", "destroy", booted)
     # No QEMU on the node: the package to install.
     c.stop()
     c.env["METAC_VM_QEMU"] = "/nonexistent/qemu-system-x86_64"

@@ -195,9 +195,12 @@ def fds_of(spec: MachineSpec) -> list[int]:
 PROBE_MARKER = b"KVM-OK"
 
 
-def probe_boot_sector() -> bytes:
+def probe_boot_sector(marker: bytes = PROBE_MARKER) -> bytes:
+    """A boot sector writing ``marker`` and a newline to COM1, then halting."""
+    if len(marker) > 150:
+        raise ValueError("the marker does not fit into a boot sector")
     code = bytearray([0xFA, 0xBA, 0xF8, 0x03])  # cli; mov dx, 0x3f8
-    for ch in PROBE_MARKER + b"\n":
+    for ch in marker + b"\n":
         code += bytes([0xB0, ch, 0xEE])  # mov al, ch; out dx, al
     code += bytes([0xF4, 0xEB, 0xFD])  # hlt; jmp back to hlt
     return bytes(code) + b"\0" * (510 - len(code)) + b"\x55\xaa"
