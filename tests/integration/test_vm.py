@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from metac.testing.guest import GuestUnavailable, find_kernel
-from metac.testing.nodes import NodeHost, assert_no_leaks, snapshot
+from metac.testing.nodes import NodeHost, assert_no_leaks, metac_argv, snapshot
 from metac.vm import qemu
 from metac.vm.initrd import build_initrd, module_closure
 
@@ -470,6 +471,24 @@ def test_vm_helpers_boot_a_root_disk_made_from_a_directory(nodes_factory,
                  "--cmdline", "console=ttyS0 quiet root=/dev/vda",
                  "--wait-for", "ROOT-BOOTED from-the-image", "--timeout", "300",
                  timeout=400).stdout.strip()
+    # On a terminal, `metac vm console` shows the console until Ctrl-] detaches it.
+    command = " ".join(shlex.quote(a) for a in [*metac_argv(), "vm", "console", vm])
+    term = subprocess.Popen(c.host.argv(["script", "-qec", command, "/dev/null"]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=c.cli_env(), start_new_session=True)
+    try:
+        screen = LineReader(term)
+        screen.wait_for("console attached", 60)
+        assert term.stdin is not None
+        term.stdin.write("\x1d")
+        term.stdin.flush()
+        screen.wait_for("detached; the VM keeps running", 60)
+        assert term.wait(30) == 0
+    finally:
+        if term.poll() is None:
+            term.kill()
+            term.wait()
+    assert _vm_rows(c)["vms"][0]["state"] == "running"
     # Its ref is the only capability to it: revoking the ref drops the VM, which stops.
     assert len(_vm_rows(c)["vms"]) == 1
     c.metac("ref", "rm", vm)
