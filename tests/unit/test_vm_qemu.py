@@ -141,9 +141,11 @@ def test_nics_attach_to_named_taps() -> None:
 
 def test_qemu_is_sandboxed_and_drops_root_when_told() -> None:
     argv = qemu.qemu_argv("qemu", _spec())
-    assert _option(argv, "-sandbox") == ["on,obsolete=deny,spawn=deny,resourcecontrol=deny"]
+    assert _option(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert "-runas" not in argv
     argv = qemu.qemu_argv("qemu", _spec(run_as=(1834156032, 1834156032)))
     assert _option(argv, "-runas") == ["1834156032:1834156032"]
+    assert _option(argv, "-sandbox") == ["on,obsolete=deny,spawn=deny,resourcecontrol=deny"]
     with pytest.raises(qemu.SpecError):
         qemu.check(_spec(run_as=(0, 0)))

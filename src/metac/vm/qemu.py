@@ -125,11 +125,17 @@ def qemu_argv(qemu: str, spec: MachineSpec) -> list[str]:
         "-chardev", f"socket,id=qmp,path={_escape(spec.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-no-reboot",
-        # seccomp: no obsolete system calls, no new processes, no scheduler changes.
-        "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
     ]
     if spec.run_as is not None:
-        argv += ["-runas", f"{spec.run_as[0]}:{spec.run_as[1]}"]
+        # -runas changes credentials, which needs set*id and clears the parent-death
+        # signal (QEMU then outlives a killed service until the next start reaps it).
+        argv += ["-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+                 "-runas", f"{spec.run_as[0]}:{spec.run_as[1]}"]
+    else:
+        # seccomp: no obsolete system calls, no set*id, no new processes, no scheduler
+        # changes.
+        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
+                             "resourcecontrol=deny"]
     if spec.kernel is not None:
         argv += ["-kernel", f"/dev/fd/{spec.kernel.kernel_fd}"]
         if spec.kernel.initrd_fd is not None:

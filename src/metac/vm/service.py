@@ -47,9 +47,11 @@ log = logging.getLogger(__name__)
 MAX_SERIAL_PORTS = 16
 MAX_DRIVES = 16
 MAX_NICS = 8
-#: QEMU drops root once a VM is set up, to a user and group of its own (one per VM,
-#: so one VM's QEMU cannot ptrace or signal another's): RUNAS_BASE + slot.
-RUNAS_ENV = "METAC_VM_RUNAS"  # "off": QEMU keeps the service's user
+#: With METAC_VM_RUNAS=on, QEMU drops root once a VM is set up, to a user and group of
+#: its own (one per VM, so one VM's QEMU cannot ptrace or signal another's): RUNAS_BASE
+#: + slot. Off by default: the credential change clears QEMU's parent-death signal, so
+#: a QEMU would outlive a killed node (until the node's next start reaps it).
+RUNAS_ENV = "METAC_VM_RUNAS"
 RUNAS_BASE = 0x6D430000
 RUNAS_SLOTS = 65536
 DEFAULT_MEMORY_MIB = 512
@@ -166,7 +168,7 @@ class VMHost:
 
     def _run_as(self, vm_id: str) -> tuple[int, int] | None:
         """A user and group for this VM's QEMU no other running VM has (None: keep root)."""
-        if os.geteuid() != 0 or os.environ.get(RUNAS_ENV, "").lower() == "off":
+        if os.geteuid() != 0 or os.environ.get(RUNAS_ENV, "").lower() != "on":
             return None
         taken = {vm.run_as for vm in self.vms.values()}
         slot = zlib.crc32(vm_id.encode()) % RUNAS_SLOTS
