@@ -326,9 +326,15 @@ def test_vm_errors_are_one_line(boot_files, nodes_factory) -> None:
     # BIOS boot from drive 0 (a boot sector that writes to COM1), the drive through NBD.
     sector = initrd.parent / "boot-sector.img"
     sector.write_bytes(qemu.probe_boot_sector(b"BIOSOK") + bytes(1 << 20))
-    booted = c.metac("vm", "launch", "-m", "32", "--boot-disk", "0", "--drive",
-                     f"local:{sector},driver=ide", "--wait-for", "BIOSOK", "--timeout", "120",
-                     timeout=180).stdout.strip()
+    bios = ["vm", "launch", "-m", "32", "--boot-disk", "0", "--drive",
+            f"local:{sector},driver=ide", "--wait-for", "BIOSOK", "--timeout", "120"]
+    c.stop()
+    c.env["METAC_VM_MAX"] = "1"  # one VM at a time on this node
+    c.start(timeout=60)
+    booted = c.metac(*bios, timeout=180).stdout.strip()
+    second = c.metac(*bios, check=False, timeout=180)
+    assert second.returncode != 0 and second.stderr.strip().count("\n") == 0
+    assert "runs 1 VMs already" in second.stderr, second.stderr
     c.metac("vm", "destroy", booted)
     # No QEMU on the node: the package to install.
     c.stop()

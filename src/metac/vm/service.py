@@ -29,6 +29,7 @@ from metac.core.service import (
 )
 from metac.core.streams import StreamHost
 from metac.core.tasks import TaskSet
+from metac.core.untrusted import env_int
 from metac.schema.load import vm as vm_schema
 from metac.vm import accel as accel_mod
 from metac.vm import persist, qemu
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_SERIAL_PORTS = 16
 MAX_DRIVES = 16
 MAX_NICS = 8
+MAX_VMS_ENV = "METAC_VM_MAX"  # VMs this service runs at once (default 32)
+MAX_VMS = 32
 #: With METAC_VM_RUNAS=on, QEMU drops root once a VM is set up, to a user and group of
 #: its own (one per VM, so one VM's QEMU cannot ptrace or signal another's): RUNAS_BASE
 #: + slot. Off by default: the credential change clears QEMU's parent-death signal, so
@@ -157,6 +160,9 @@ class VMHost:
                             host=self.streams, supervisor=self.ctx.supervisor,
                             tasks=self.tasks, base_dir=self.base_dir, taps=self.taps,
                             run_as=self._run_as(vm_id))
+        limit = env_int(MAX_VMS_ENV, MAX_VMS)
+        if len(self.vms) >= limit:  # checked and taken with no await in between
+            raise errors.Unavailable(f"this node runs {limit} VMs already ({MAX_VMS_ENV})")
         self.vms[vm.id] = vm
         vm.on_stopped = self._stopped
         try:
