@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "metac"
-SERVICES = {"persistence", "stream", "fs", "net", "compute"}
+SERVICES = {"persistence", "stream", "fs", "net", "compute", "vm"}
 PURE_CODEC_BANNED = {"asyncio", "socket", "capnp", "subprocess", "os", "metac.core", "metac.schema"}
 
 

@@ -11,13 +11,22 @@ from collections.abc import Callable
 from typing import Any
 
 from metac import __version__, errors
-from metac.cli import compute_cli, fs_cli, help_cli, net_cli, node_cli, ref_cli, stream_cli
+from metac.cli import (
+    compute_cli,
+    fs_cli,
+    help_cli,
+    net_cli,
+    node_cli,
+    ref_cli,
+    stream_cli,
+    vm_cli,
+)
 from metac.cli.output import error, local_path, slow_notice
 from metac.codec.locators import LocatorError
 from metac.codec.refs import RefError
 
 #: Every command group: module with register(subparsers).
-COMMAND_GROUPS = [node_cli, ref_cli, stream_cli, net_cli, compute_cli, fs_cli, help_cli]
+COMMAND_GROUPS = [node_cli, ref_cli, stream_cli, net_cli, compute_cli, fs_cli, vm_cli, help_cli]
 
 
 #: Signals that end a running command: the main task is cancelled (so holders and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
@@ -196,13 +197,30 @@ async def status(args: argparse.Namespace) -> int:
         services = (await admin.listServices()).services
         rows = [{"name": s.name, "state": s.state, "pid": s.pid, "restarts": s.restarts}
                 for s in services]
+        accel = await _vm_accelerator(admin, rows)
     port = node_port(addr.port)
     if args.json:
-        as_json({"address": addr.ip, "port": port, "services": rows})
+        as_json({"address": addr.ip, "port": port, "services": rows, "vmAccelerator": accel})
         return 0
     print(f"node {show_endpoint(addr.ip, port)}")
     table(rows, ["name", "state", "pid", "restarts"])
+    if accel:
+        print(f"VMs run with {accel}")
     return 0
+
+
+async def _vm_accelerator(admin: Any, rows: list[dict[str, Any]]) -> str:
+    """``kvm``/``tcg`` and why, from the vm service if it runs ("" otherwise)."""
+    if not any(r["name"] == "vm" and r["state"] == "registered" for r in rows):
+        return ""
+    from metac.api import schema, service_admin
+
+    try:
+        vm = await service_admin(admin, "vm", schema.vm.VMServiceAdmin)
+        res = await asyncio.wait_for(vm.accelerator(), 20)
+    except Exception:  # status shows what it can; the vm service's own errors are its log's
+        return ""
+    return f"{res.name} ({res.detail})"
 
 
 # --------------------------------------------------------------------------- node logs

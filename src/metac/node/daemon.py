@@ -34,6 +34,7 @@ BUILTIN_SERVICES: dict[str, str] = {
     "stream": "metac.stream",
     "fs": "metac.fs",
     "compute": "metac.compute",
+    "vm": "metac.vm",
 }
 
 #: Built-in services that cannot work without root, and what for. A node that does not

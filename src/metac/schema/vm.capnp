@@ -91,6 +91,14 @@ struct VMInfo {
   vcpu @2 :Int32;
   running @3 :Bool;
   vm @4 :VM;
+  id @5 :Text;
+  # Added: the VM's id (stable across a restart of a persistent VM).
+  accel @6 :Text;
+  # Added: the accelerator the VM runs with ("kvm" or "tcg").
+  started @7 :Float64;
+  # Added: when the hypervisor started (seconds since the epoch), for the uptime.
+  state @8 :Text;
+  # Added: "running", "stopped" (guest powered off or destroyed) or "failed".
 }
 
 interface VMServiceAdmin extends(Core.ServiceAdmin) {
@@ -98,4 +106,7 @@ interface VMServiceAdmin extends(Core.ServiceAdmin) {
   # The paper names no method; this mirrors ComputeServiceAdmin.getLauncher.
   listVMs @1 () -> (vms :List(VMInfo));
   # Added: VMs launched through this service, for `metac vm ls`.
+  accelerator @2 () -> (name :Text, detail :Text);
+  # Added: the accelerator new VMs get ("kvm" or "tcg") and why (the probe's
+  # result, or METAC_VM_ACCEL), for `metac vm ls`.
 }

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import gzip
 import hashlib
-import io
 import os
 import shlex
 import shutil
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import TextIO
 
 from metac.core.supervisor import die_with_parent
+from metac.vm.initrd import Cpio as _Cpio
 
 __all__ = [
     "GuestError",
@@ -347,37 +347,6 @@ echo "METAC-GUEST-EXIT=$rc" >/dev/console
 echo o >/proc/sysrq-trigger
 while :; do /bin/busybox sleep 60; done
 """
-
-
-class _Cpio:
-    """A newc ("070701") cpio archive, written in memory."""
-
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-        self.ino = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
-               nlink: int = 1) -> None:
-        raw = name.encode() + b"\0"
-        fields = [self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw), 0]
-        self.ino += 1
-        self.buf.write(b"070701" + b"".join(b"%08X" % v for v in fields) + raw)
-        self.buf.write(b"\0" * (-(110 + len(raw)) % 4))
-        self.buf.write(data)
-        self.buf.write(b"\0" * (-len(data) % 4))
-
-    def dir(self, name: str) -> None:
-        self._entry(name, 0o040755, nlink=2)
-
-    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
-        self._entry(name, 0o100000 | perm, data)
-
-    def chardev(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, 0o020600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return self.buf.getvalue()
 
 
 def _init_script() -> str:

@@ -1,0 +1,3 @@
+from metac.vm.service import main
+
+main()
