@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import re
@@ -211,6 +210,7 @@ async def status(args: argparse.Namespace) -> int:
 
 async def _vm_accelerator(admin: Any, rows: list[dict[str, Any]]) -> str:
     """``kvm``/``tcg`` and why, from the vm service if it runs ("" otherwise)."""
+    import asyncio
     if not any(r["name"] == "vm" and r["state"] == "registered" for r in rows):
         return ""
     from metac.api import schema, service_admin

@@ -12,7 +12,6 @@ powers off.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import sys
@@ -315,6 +314,7 @@ async def destroy(args: argparse.Namespace) -> int:
 async def wait_for_output(stream: Any, address: str, text: str, timeout: float) -> None:
     """Read a serial port until ``text``; FailedPrecondition with its last lines if the
     port closes (the VM stopped) or ``timeout`` passes first."""
+    import asyncio
     loop = asyncio.get_running_loop()
     wanted = text.encode()
     seen = b""
@@ -410,6 +410,7 @@ def make_disk(args: argparse.Namespace) -> int:
 
 async def _attach(stream: Any, address: str, vm: Any) -> None:
     """This terminal on a serial port until the port closes (VM stopped) or Ctrl-]."""
+    import asyncio
     loop = asyncio.get_running_loop()
     opened = await api.open_stream(stream, local_address=address)
     done = loop.create_future()
