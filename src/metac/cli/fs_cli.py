@@ -204,11 +204,28 @@ async def _print_ref(args: argparse.Namespace, interface: Any,
     return 0
 
 
+def _check_export_kind(text: str, interface: str) -> None:
+    """A ``local:`` directory given to `file|block export`, or a file to `fs export`, is
+    refused at once with the command that takes it (a missing path is resolve's NotFound)."""
+    loc = Locator.parse(text, allowed=KINDS)
+    if not isinstance(loc, LocalPath):
+        return
+    try:
+        is_dir = stat.S_ISDIR(os.stat(loc.path).st_mode)
+    except OSError:
+        return
+    if interface == "Filesystem" and not is_dir:
+        raise errors.InvalidArgument(f"{loc.path} is not a directory; use metac file export")
+    if interface != "Filesystem" and is_dir:
+        raise errors.InvalidArgument(f"{loc.path} is a directory; use metac fs export")
+
+
 def _exporter(interface: str, field: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
     """`metac fs|file|block export` of ``fs.<interface>``; ``field`` names what
     ``readOnly()`` returns."""
 
     async def export(args: argparse.Namespace) -> int:
+        _check_export_kind(args.resource, interface)
         return await _print_ref(args, getattr(api.schema.fs, interface), lambda cap: (
             getattr(cap.readOnly(), field) if args.read_only else cap))
 
