@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from metac import api, errors
-from metac.cli.connect import Connection, connection
+from metac.cli.connect import Connection, add_group_flag, connection
 from metac.cli.output import (
     as_json,
     local_path,
@@ -58,6 +58,7 @@ def _add_export(s: Any, what: str, read_only: str | None, resource: str,
     _persistent(ex, "the ref")
     ex.add_argument("--read-only", action="store_true", help=read_only)
     _follow(ex)
+    add_group_flag(ex)
     ex.add_argument("resource", help=f"{resource} or a ref to re-export")
     ex.set_defaults(func=func)
     return ex
@@ -198,9 +199,7 @@ async def _print_ref(args: argparse.Namespace, interface: Any,
     async with connection() as conn:
         cap, _ = await resolve(conn, args.resource, interface, follow=args.follow,
                                preserve_owners=getattr(args, "preserve_owners", False))
-        res = await derive(cap).cast_as(api.schema.core.Persistable).createSturdyRef(
-            persistent=args.persistent)
-    print(api.ref_from_struct(res.id).format())
+        await conn.export(derive(cap).cast_as(api.schema.core.Persistable), args)
     return 0
 
 

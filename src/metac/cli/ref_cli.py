@@ -37,6 +37,9 @@ def register(sub: Any) -> None:
     gc = gsub.add_parser("create", help="create a resource group")
     gc.add_argument("name", help="the new group's name")
     gc.set_defaults(func=create_group)
+    gl = gsub.add_parser("ls", help="the resource groups and how many refs each holds")
+    gl.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    gl.set_defaults(func=list_groups)
     gr = gsub.add_parser("rm", help="drop a group, revoking every ref in it")
     gr.add_argument("name", help="the group to drop")
     gr.set_defaults(func=drop_group)
@@ -147,6 +150,20 @@ async def create_group(args: argparse.Namespace) -> int:
         padmin = await _persistence(admin)
         await padmin.createGroup(args.name)
     print(args.name)
+    return 0
+
+
+async def list_groups(args: argparse.Namespace) -> int:
+    async with api.connect_admin() as admin:
+        padmin = await _persistence(admin)
+        rows = [{"name": g.name, "refs": g.refs,
+                 "created": datetime.datetime.fromtimestamp(g.created).isoformat(
+                     timespec="seconds")}
+                for g in (await padmin.listGroups()).groups]
+    if args.json:
+        as_json(rows)
+    else:
+        table(rows, ["name", "refs", "created"])
     return 0
 
 

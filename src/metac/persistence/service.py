@@ -469,7 +469,8 @@ class AdminServer(Servant, persistence.PersistenceAdmin.Server):
         _fill_info(_context.results.init("info"), info)
 
     async def createGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
-        _check_group(name)
+        if self._state.store.group_id(_check_group(name)) is not None:
+            raise errors.AlreadyExists(f"resource group {name!r} already exists")
         self._state.store.create_group(name)
         _context.results.group = self._state.issue_group(name)
 
@@ -485,6 +486,13 @@ class AdminServer(Servant, persistence.PersistenceAdmin.Server):
         self._state.groups.pop(name, None)  # a group object handed out before is void
         self._state.revoked(revoked, dropped)
         _context.results.revoked = len(revoked)
+
+
+    async def listGroups(self, _context: Any, **kwargs: Any) -> None:
+        groups = self._state.store.list_groups()
+        out = _context.results.init("groups", len(groups))
+        for i, (name, created, refs) in enumerate(groups):
+            out[i].name, out[i].created, out[i].refs = name, created, refs
 
 
 def _check_group(name: str) -> str:

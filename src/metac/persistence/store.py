@@ -325,6 +325,13 @@ class Store:
                             (name, time.time()))
         return self.group_id(name)  # type: ignore[return-value]
 
+    def list_groups(self) -> list[tuple[str, float, int]]:
+        """(name, created, number of refs) of every group, by name."""
+        rows = self.db.execute(
+            "SELECT g.name, g.created, COUNT(r.hash) FROM groups g"
+            " LEFT JOIN refs r ON r.group_id = g.id GROUP BY g.id ORDER BY g.name").fetchall()
+        return [(str(n), float(c), int(k)) for n, c, k in rows]
+
     def group_id(self, name: str) -> int | None:
         row = self.db.execute("SELECT id FROM groups WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else None

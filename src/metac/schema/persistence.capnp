@@ -75,6 +75,13 @@ struct RefInfo {
   # Added: short id of the ref this one was minted through ("" for the admin's).
 }
 
+struct GroupInfo {
+  # Added: one resource group, for `metac ref group ls`.
+  name @0 :Text;
+  created @1 :Float64;
+  refs @2 :UInt32;
+}
+
 interface PersistenceAdmin extends(Core.ServiceAdmin) {
   getHandlerFor @0 (serviceName :Text) -> (handler :ServicePersistenceHandler);
   listRefs @1 () -> (refs :List(RefInfo));
@@ -85,4 +92,6 @@ interface PersistenceAdmin extends(Core.ServiceAdmin) {
   getGroup @5 (name :Text) -> (group :Core.ResourceGroup);
   dropGroup @6 (name :Text) -> (revoked :UInt32);
   # Revokes every ref created in the group.
+  listGroups @7 () -> (groups :List(GroupInfo));
+  # Added: the groups, with how many refs each holds.
 }
