@@ -10,10 +10,11 @@ open a node's streams from. Everything it opens is closed with the command's
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 from metac import api
-from metac.codec.refs import SturdyRef
+from metac.codec.refs import SturdyRef, secret_hash, short_id_of
 
 
 class Connection:
@@ -72,8 +73,11 @@ class Connection:
         if getattr(args, "ref_group", None):  # (`args.group` is the top-level command)
             params["rgroup"] = await self.group(args.ref_group)
         async with api.rpc_errors():
-            ref = (await cap.createSturdyRef(**params)).id
-        print(api.ref_from_struct(ref).format())
+            ref = api.ref_from_struct((await cap.createSturdyRef(**params)).id)
+        # The ref alone on stdout (scripts capture it); its short id, as `metac ref ls`
+        # shows it and `metac ref rm` takes it, on stderr.
+        print(ref.format(), flush=True)
+        print(f"id {short_id_of(secret_hash(ref.secret_bytes))}", file=sys.stderr)
 
     @staticmethod
     def address_toward(ref: SturdyRef) -> str:

@@ -55,6 +55,7 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "group": info.group,
         "live": bool(info.live),
         "parent": info.parent,
+        "description": info.description,
     }
 
 
@@ -93,7 +94,8 @@ async def list_refs(args: argparse.Namespace) -> int:
         as_json(rows)
     else:
         table(_tree_order(rows),
-              ["id", "service", "category", "persistent", "created", "group", "live", "parent"])
+              ["id", "service", "category", "persistent", "created", "group", "live", "parent",
+               "description"])
     return 0
 
 
@@ -112,8 +114,9 @@ async def show_ref(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"ref": ref.redacted(), "node": ref.node, "port": node_port(ref.port),
                            "service": ref.service}
     async with api.NodePool() as pool:
-        await pool.restore(ref)
+        _, kind = await pool.restore_with_kind(ref)
         out["valid"] = True
+        out["kind"] = kind or "unknown (the node did not say)"
     if await _local_address() == (ref.node, ref.port):
         async with api.connect_admin() as admin:
             padmin = await _persistence(admin)

@@ -36,6 +36,7 @@ from metac.core.rpc import Servant, connect_unix
 from metac.core.sealing import seal, unseal
 from metac.core.tasks import TaskSet
 from metac.persistence.store import Revoked, Store, open_state, secret_hash, short_id_of
+from metac.persistence.summary import summarize
 from metac.schema.load import core, persistence
 
 log = logging.getLogger("metac.persistence")
@@ -421,6 +422,7 @@ def _fill_info(out: Any, row: Any) -> None:
     out.created = row.created
     out.group = row.group
     out.parent = row.parent
+    out.description = summarize(row.service, row.category, row.description, row.parent)
 
 
 class AdminServer(Servant, persistence.PersistenceAdmin.Server):

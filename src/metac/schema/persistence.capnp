@@ -73,6 +73,8 @@ struct RefInfo {
   # Is the object currently restored in memory?
   parent @7 :Text;
   # Added: short id of the ref this one was minted through ("" for the admin's).
+  description @8 :Text;
+  # Added: what the ref is (a path, an endpoint, an interface...); never a secret.
 }
 
 struct GroupInfo {
