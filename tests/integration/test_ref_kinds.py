@@ -58,7 +58,7 @@ def test_refs_say_what_they_are(nodes_factory: Callable[..., list[NodeHost]],
         f"directory {share} (read-only), derived from {fs_id}", rows[view_id]
     table = a.metac("ref", "ls").stdout
     assert table.splitlines()[0].split()[-1] == "DESCRIPTION"
-    assert f"tcp:127.0.0.1:9" in table and not [s for s in secrets if s[4:] in table]
+    assert "tcp:127.0.0.1:9" in table and not [s for s in secrets if s[4:] in table]
 
     # ref show: the kind (also of another node's ref) and, on the ref's node, the description
     shown = a.metac("ref", "show", fs_ref).stdout
