@@ -87,8 +87,10 @@ def from_unimplemented(text: str) -> errors.MetacError | None:
         return None
     m = _TYPE_ID.search(text)
     wanted = name_of(int(m.group(1))) if m else None
-    return errors.InvalidArgument(f"this ref is not a {wanted}" if wanted else
-                                  "this ref is of another kind than the command takes")
+    # (Unsupported, as any unimplemented call: the restore-time check above is what
+    # tells a user's wrong ref, with its kind.)
+    return errors.Unsupported(f"the object is not a {wanted}" if wanted else
+                              "the object is of another kind than the call needs")
 
 
 errors.EXPLAIN_UNIMPLEMENTED.append(from_unimplemented)
