@@ -9,6 +9,8 @@ Messages never carry secrets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class MetacError(Exception):
     """Base of the errors a caller acts on. ``exit_code`` is what the CLI returns."""
@@ -102,6 +104,11 @@ CATEGORIES: dict[str, type[MetacError]] = {
 }
 
 
+#: Turn an "unimplemented" error into a clearer one (schema.kinds: "this ref is not a
+#: Filesystem" rather than a type id); registered by the module that knows the schemas.
+EXPLAIN_UNIMPLEMENTED: list[Callable[[str], MetacError | None]] = []
+
+
 def from_kj(exc: BaseException) -> MetacError:
     """Map an exception from an RPC call (a ``capnp.KjException``) to a MetacError."""
     if isinstance(exc, MetacError):
@@ -125,6 +132,10 @@ def from_kj(exc: BaseException) -> MetacError:
     if kj_type == "DISCONNECTED" or "disconnected" in text.lower():
         return Unavailable("connection lost: " + _first_line(text))
     if kj_type == "UNIMPLEMENTED" or "not implemented" in text.lower():
+        for explain in EXPLAIN_UNIMPLEMENTED:
+            explained = explain(text)
+            if explained is not None:
+                return explained
         return Unsupported(_first_line(text))
     if kj_type == "OVERLOADED":
         return Unavailable(_first_line(text))

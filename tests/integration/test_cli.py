@@ -262,7 +262,9 @@ def test_empty_listings_print_their_header(nodes_factory) -> None:
                           "READ_ONLY"],
         ("ps",): ["ID", "PID", "STATUS", "STARTED", "COMMAND"],
         ("ps", "-a"): ["ID", "PID", "STATUS", "STARTED", "COMMAND"],
-        ("ref", "ls"): ["ID", "SERVICE", "CATEGORY", "PERSISTENT", "CREATED", "GROUP", "LIVE", "PARENT"],
+        ("ref", "ls"): ["ID", "SERVICE", "CATEGORY", "PERSISTENT", "CREATED", "GROUP", "LIVE", "PARENT",
+                       "DESCRIPTION"],
+        ("ref", "group", "ls"): ["NAME", "REFS", "CREATED"],
     }
     for words, header in headers.items():
         out = a.metac(*words).stdout

@@ -99,7 +99,7 @@ def test_shtab_is_installed() -> None:
     ("metac fs mo", ["mount"]),
     ("metac fs mount --re", ["--read-only"]),
     ("metac blo", ["block"]),
-    ("metac ref group ", ["create", "rm"]),
+    ("metac ref group ", ["create", "ls", "rm"]),
 ])
 def test_bash_completion_completes_a_partial_command_line(line, expected, capsys) -> None:
     bash = shutil.which("bash")

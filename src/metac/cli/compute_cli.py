@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from metac import api, errors
-from metac.cli.connect import Connection, connection
+from metac.cli.connect import Connection, add_group_flag, connection
 from metac.cli.output import as_json, local_path, mirror_url, suite_name, table
 from metac.codec.locators import LocalPath, Locator, NewLocal, RefLocator
 from metac.codec.runspecs import (
@@ -94,6 +94,7 @@ def register(sub: Any) -> None:
     csub = c.add_subparsers(dest="cmd", metavar="SUBCOMMAND", required=True)
     ex = csub.add_parser("export", help="print a ref to this node's ComputeLauncher")
     ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    add_group_flag(ex)
     ex.set_defaults(func=export)
     rf = csub.add_parser("rootfs", help="build a root filesystem in a directory")
     rf.add_argument("directory", type=local_path, help="where to build it (created if missing)")
@@ -460,8 +461,7 @@ async def kill(args: argparse.Namespace) -> int:
 async def export(args: argparse.Namespace) -> int:
     async with connection() as conn:
         launcher = (await (await compute_admin(conn)).getLauncher()).launcher
-        ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
-    print(api.ref_from_struct(ref).format())
+        await conn.export(launcher, args)
     return 0
 
 

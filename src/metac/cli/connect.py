@@ -10,10 +10,11 @@ open a node's streams from. Everything it opens is closed with the command's
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 from metac import api
-from metac.codec.refs import SturdyRef
+from metac.codec.refs import SturdyRef, secret_hash, short_id_of
 
 
 class Connection:
@@ -59,10 +60,36 @@ class Connection:
             self._address = str((await node.address()).address.ip)
         return self._address
 
+    async def group(self, name: str) -> Any:
+        """The resource group ``name`` of this node (NotFound if there is none)."""
+        padmin = await self.service_admin("persistence", api.schema.persistence.PersistenceAdmin)
+        async with api.rpc_errors():
+            return (await padmin.getGroup(name)).group
+
+    async def export(self, cap: Any, args: Any) -> None:
+        """Make a sturdy ref to ``cap`` as an export command's ``--persistent`` and
+        ``--group`` say, and print it."""
+        params: dict[str, Any] = {"persistent": bool(args.persistent)}
+        if getattr(args, "ref_group", None):  # (`args.group` is the top-level command)
+            params["rgroup"] = await self.group(args.ref_group)
+        async with api.rpc_errors():
+            ref = api.ref_from_struct((await cap.createSturdyRef(**params)).id)
+        # The ref alone on stdout (scripts capture it); its short id, as `metac ref ls`
+        # shows it and `metac ref rm` takes it, on stderr.
+        print(ref.format(), flush=True)
+        print(f"id {short_id_of(secret_hash(ref.secret_bytes))}", file=sys.stderr)
+
     @staticmethod
     def address_toward(ref: SturdyRef) -> str:
         """Our address toward ``ref``'s node (to open its streams from)."""
         return api.local_address_for(ref.node)
+
+
+def add_group_flag(parser: Any) -> None:
+    """``--group NAME`` of every export command."""
+    parser.add_argument("--group", metavar="NAME", dest="ref_group",
+                        help="file the ref under this resource group (`metac ref group create`); "
+                             "`metac ref group rm NAME` revokes it with the group")
 
 
 @contextlib.asynccontextmanager

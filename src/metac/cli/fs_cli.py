@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from metac import api, errors
-from metac.cli.connect import Connection, connection
+from metac.cli.connect import Connection, add_group_flag, connection
 from metac.cli.output import (
     as_json,
     local_path,
@@ -58,6 +58,7 @@ def _add_export(s: Any, what: str, read_only: str | None, resource: str,
     _persistent(ex, "the ref")
     ex.add_argument("--read-only", action="store_true", help=read_only)
     _follow(ex)
+    add_group_flag(ex)
     ex.add_argument("resource", help=f"{resource} or a ref to re-export")
     ex.set_defaults(func=func)
     return ex
@@ -198,10 +199,24 @@ async def _print_ref(args: argparse.Namespace, interface: Any,
     async with connection() as conn:
         cap, _ = await resolve(conn, args.resource, interface, follow=args.follow,
                                preserve_owners=getattr(args, "preserve_owners", False))
-        res = await derive(cap).cast_as(api.schema.core.Persistable).createSturdyRef(
-            persistent=args.persistent)
-    print(api.ref_from_struct(res.id).format())
+        await conn.export(derive(cap).cast_as(api.schema.core.Persistable), args)
     return 0
+
+
+def _check_export_kind(text: str, interface: str) -> None:
+    """A ``local:`` directory given to `file|block export`, or a file to `fs export`, is
+    refused at once with the command that takes it (a missing path is resolve's NotFound)."""
+    loc = Locator.parse(text, allowed=KINDS)
+    if not isinstance(loc, LocalPath):
+        return
+    try:
+        is_dir = stat.S_ISDIR(os.stat(loc.path).st_mode)
+    except OSError:
+        return
+    if interface == "Filesystem" and not is_dir:
+        raise errors.InvalidArgument(f"{loc.path} is not a directory; use metac file export")
+    if interface != "Filesystem" and is_dir:
+        raise errors.InvalidArgument(f"{loc.path} is a directory; use metac fs export")
 
 
 def _exporter(interface: str, field: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
@@ -209,6 +224,7 @@ def _exporter(interface: str, field: str) -> Callable[[argparse.Namespace], Awai
     ``readOnly()`` returns."""
 
     async def export(args: argparse.Namespace) -> int:
+        _check_export_kind(args.resource, interface)
         return await _print_ref(args, getattr(api.schema.fs, interface), lambda cap: (
             getattr(cap.readOnly(), field) if args.read_only else cap))
 

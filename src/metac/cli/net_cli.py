@@ -20,7 +20,7 @@ from typing import Any
 
 from metac import api, errors
 from metac.api import SturdyRef
-from metac.cli.connect import Connection, connection
+from metac.cli.connect import Connection, add_group_flag, connection
 from metac.cli.output import as_json, table
 from metac.codec.locators import LocalDevice, Locator, NewLocal, RefLocator
 
@@ -39,6 +39,7 @@ def register(sub: Any) -> None:
     ex = nsub.add_parser("export", help="print a sturdy ref to a network device")
     ex.add_argument("uri", metavar="NET-URI", help=NET_URI_HELP)
     ex.add_argument("--persistent", action="store_true", help="the ref survives restarts")
+    add_group_flag(ex)
     ex.set_defaults(func=export)
 
     b = nsub.add_parser("bind", help="join two network devices (VXLAN between nodes)")
@@ -116,8 +117,7 @@ async def export(args: argparse.Namespace) -> int:
                 assert isinstance(loc, LocalDevice)
                 kiface = ns.getInterface(loc.name).iface
             obj = (await kiface.l2Interface()).iface
-        ref = (await obj.createSturdyRef(persistent=args.persistent)).id
-    print(_format_ref(ref))
+        await conn.export(obj, args)
     return 0
 
 

@@ -37,6 +37,9 @@ def register(sub: Any) -> None:
     gc = gsub.add_parser("create", help="create a resource group")
     gc.add_argument("name", help="the new group's name")
     gc.set_defaults(func=create_group)
+    gl = gsub.add_parser("ls", help="the resource groups and how many refs each holds")
+    gl.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    gl.set_defaults(func=list_groups)
     gr = gsub.add_parser("rm", help="drop a group, revoking every ref in it")
     gr.add_argument("name", help="the group to drop")
     gr.set_defaults(func=drop_group)
@@ -52,6 +55,7 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "group": info.group,
         "live": bool(info.live),
         "parent": info.parent,
+        "description": info.description,
     }
 
 
@@ -90,7 +94,8 @@ async def list_refs(args: argparse.Namespace) -> int:
         as_json(rows)
     else:
         table(_tree_order(rows),
-              ["id", "service", "category", "persistent", "created", "group", "live", "parent"])
+              ["id", "service", "category", "persistent", "created", "group", "live", "parent",
+               "description"])
     return 0
 
 
@@ -109,8 +114,9 @@ async def show_ref(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"ref": ref.redacted(), "node": ref.node, "port": node_port(ref.port),
                            "service": ref.service}
     async with api.NodePool() as pool:
-        await pool.restore(ref)
+        _, kind = await pool.restore_with_kind(ref)
         out["valid"] = True
+        out["kind"] = kind or "unknown (the node did not say)"
     if await _local_address() == (ref.node, ref.port):
         async with api.connect_admin() as admin:
             padmin = await _persistence(admin)
@@ -147,6 +153,20 @@ async def create_group(args: argparse.Namespace) -> int:
         padmin = await _persistence(admin)
         await padmin.createGroup(args.name)
     print(args.name)
+    return 0
+
+
+async def list_groups(args: argparse.Namespace) -> int:
+    async with api.connect_admin() as admin:
+        padmin = await _persistence(admin)
+        rows = [{"name": g.name, "refs": g.refs,
+                 "created": datetime.datetime.fromtimestamp(g.created).isoformat(
+                     timespec="seconds")}
+                for g in (await padmin.listGroups()).groups]
+    if args.json:
+        as_json(rows)
+    else:
+        table(rows, ["name", "refs", "created"])
     return 0
 
 

@@ -12,7 +12,7 @@ import socket
 from typing import Any
 
 from metac import api, errors
-from metac.cli.connect import Connection, connection
+from metac.cli.connect import Connection, add_group_flag, connection
 from metac.cli.output import error
 from metac.codec.locators import Locator, RefLocator, TcpEndpoint
 from metac.codec.refs import show_endpoint
@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
 
     ex = ssub.add_parser("export", help="print a sturdy ref to a TCP or unix endpoint of this node")
     ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    add_group_flag(ex)
     ex.add_argument("resource", help="tcp:HOST:PORT, unix:PATH, or a ref to re-export")
     ex.set_defaults(func=export)
 
@@ -72,8 +73,7 @@ def forget(conn: Connection, text: str) -> None:
 async def export(args: argparse.Namespace) -> int:
     async with connection() as conn:
         cap, _ = await resolve(conn, args.resource)
-        ref = (await cap.createSturdyRef(persistent=args.persistent)).id
-        print(api.ref_from_struct(ref).format())
+        await conn.export(cap, args)
     return 0
 
 

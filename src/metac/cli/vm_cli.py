@@ -23,7 +23,7 @@ from typing import Any
 
 from metac import api, errors
 from metac.cli import fs_cli
-from metac.cli.connect import Connection
+from metac.cli.connect import Connection, add_group_flag
 from metac.cli.output import as_json, local_path, table
 from metac.codec.locators import Locator, RefLocator
 
@@ -37,6 +37,7 @@ def register(sub: Any) -> None:
 
     ex = s.add_parser("export", help="print a ref to this node's VMLauncher")
     ex.add_argument("--persistent", action="store_true", help="the ref survives node restarts")
+    add_group_flag(ex)
     ex.set_defaults(func=export)
 
     la = s.add_parser("launch", help="start a VM; prints a ref to it",
@@ -140,11 +141,11 @@ async def _restore(conn: Connection, text: str, interface: Any) -> tuple[Any, st
 
 async def export(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
-        admin = await _vm_admin(Connection(stack))
+        conn = Connection(stack)
+        admin = await _vm_admin(conn)
         async with api.rpc_errors():
             launcher = (await admin.getLauncher()).launcher
-            ref = (await launcher.createSturdyRef(persistent=args.persistent)).id
-    print(api.ref_from_struct(ref).format())
+        await conn.export(launcher, args)
     return 0
 
 

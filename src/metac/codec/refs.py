@@ -34,6 +34,7 @@ the only way to get the full text.
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import re
 import string
@@ -297,3 +298,19 @@ def _check_secret(secret: object) -> None:
 def _decode_secret(secret: str) -> bytes:
     """Decode a secret whose alphabet and length were already checked (cannot fail)."""
     return base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+
+
+SHORT_ID_LEN = 12
+
+
+def secret_hash(secret: bytes) -> bytes:
+    """What the refs database stores of a ref's secret.
+
+    Secrets carry >= 128 random bits, so a plain hash is enough to make the stored value
+    useless as a secret."""
+    return hashlib.sha256(b"metac-ref\0" + secret).digest()
+
+
+def short_id_of(digest: bytes) -> str:
+    """The short id `metac ref ls` shows (and `metac ref rm` takes) of a stored hash."""
+    return digest.hex()[:SHORT_ID_LEN]

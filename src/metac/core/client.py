@@ -14,6 +14,7 @@ from typing import Any
 from metac import errors
 from metac.codec.refs import DEFAULT_PORT, SturdyRef, node_port, show_endpoint
 from metac.core.rpc import Connection, connect_tcp, rpc_errors
+from metac.schema import kinds
 from metac.schema.load import core
 
 
@@ -84,7 +85,14 @@ class NodePool:
             entry[0].close()
 
     async def restore(self, ref: SturdyRef, interface: Any = None) -> Any:
-        """Restore ``ref`` from its node; the capability, cast to ``interface``."""
+        """Restore ``ref`` from its node; the capability, cast to ``interface``
+        (InvalidArgument naming the kind it is if it is not one)."""
+        return (await self.restore_with_kind(ref, interface))[0]
+
+    async def restore_with_kind(self, ref: SturdyRef, interface: Any = None
+                                ) -> tuple[Any, str | None]:
+        """``restore``, and the name of the object's interface (None if the node did not
+        say)."""
         port = node_port(ref.port)
         shown = show_endpoint(ref.node, port)
         try:
@@ -96,8 +104,10 @@ class NodePool:
         except errors.Unavailable:
             self.forget(ref.node, ref.port)
             raise
+        if interface is not None:
+            kinds.check_kind(res.interfaceId, interface)
         obj = res.obj.as_interface(interface or core.Persistable)
-        return obj
+        return obj, kinds.name_of(res.interfaceId)
 
     async def drop_alias(self, ref: SturdyRef) -> None:
         """Revoke an alias ``ref`` (see Persistable.createSturdyRef) on its node."""

@@ -220,6 +220,7 @@ class ServiceBootstrap(Servant, core.Service.Server):
         _context.results.obj = ctx.membranes.wrap(
             bytes(res.refKey), bool(res.persistent), res.obj.as_interface(schema), schema,
             local=ctx.objects.get(res.runtimeId))
+        _context.results.interfaceId = schema.node.id
 
     async def dropAlias(self, objectInfo: bytes, **kwargs: Any) -> None:
         await self._ctx.handler.dropAlias(objectInfo)

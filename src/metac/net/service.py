@@ -121,6 +121,11 @@ class KernelInterfaceServer(_DeviceMethods, network.KernelInterface.Server):
         await self._net.devices.destroy(self._dev)
 
     async def l2Interface(self, _context: Any, **kwargs: Any) -> None:
+        link = await self._net.devices.refresh(self._dev)
+        if link.kind != "bridge" and self._dev.index == await self._net.underlay_index():
+            raise errors.FailedPrecondition(
+                f"{self._dev.name} carries the node address {self._net.node_ip}; exporting "
+                "it would let the ref's holder cut the node off")
         _context.results.iface = L2InterfaceServer(self._ctx, self._net, self._dev).as_cap()
 
 

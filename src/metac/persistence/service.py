@@ -36,6 +36,7 @@ from metac.core.rpc import Servant, connect_unix
 from metac.core.sealing import seal, unseal
 from metac.core.tasks import TaskSet
 from metac.persistence.store import Revoked, Store, open_state, secret_hash, short_id_of
+from metac.persistence.summary import summarize
 from metac.schema.load import core, persistence
 
 log = logging.getLogger("metac.persistence")
@@ -421,6 +422,7 @@ def _fill_info(out: Any, row: Any) -> None:
     out.created = row.created
     out.group = row.group
     out.parent = row.parent
+    out.description = summarize(row.service, row.category, row.description, row.parent)
 
 
 class AdminServer(Servant, persistence.PersistenceAdmin.Server):
@@ -469,7 +471,8 @@ class AdminServer(Servant, persistence.PersistenceAdmin.Server):
         _fill_info(_context.results.init("info"), info)
 
     async def createGroup(self, name: str, _context: Any, **kwargs: Any) -> None:
-        _check_group(name)
+        if self._state.store.group_id(_check_group(name)) is not None:
+            raise errors.AlreadyExists(f"resource group {name!r} already exists")
         self._state.store.create_group(name)
         _context.results.group = self._state.issue_group(name)
 
@@ -485,6 +488,13 @@ class AdminServer(Servant, persistence.PersistenceAdmin.Server):
         self._state.groups.pop(name, None)  # a group object handed out before is void
         self._state.revoked(revoked, dropped)
         _context.results.revoked = len(revoked)
+
+
+    async def listGroups(self, _context: Any, **kwargs: Any) -> None:
+        groups = self._state.store.list_groups()
+        out = _context.results.init("groups", len(groups))
+        for i, (name, created, refs) in enumerate(groups):
+            out[i].name, out[i].created, out[i].refs = name, created, refs
 
 
 def _check_group(name: str) -> str:

@@ -24,7 +24,6 @@ missing or empty database is damage, not a fresh start.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import sqlite3
@@ -35,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from metac import errors
+from metac.codec.refs import SHORT_ID_LEN, secret_hash, short_id_of  # noqa: F401 (re-exported)
 from metac.core.sealing import SealError, load_or_create_key
 
 SCHEMA = """
@@ -83,17 +83,6 @@ _TREE = (
     " ON r.parent = tree.h)"
 )
 
-SHORT_ID_LEN = 12
-
-
-def secret_hash(secret: bytes) -> bytes:
-    # Secrets carry >= 128 random bits, so a plain hash is enough to make the
-    # stored value useless as a secret.
-    return hashlib.sha256(b"metac-ref\0" + secret).digest()
-
-
-def short_id_of(digest: bytes) -> str:
-    return digest.hex()[:SHORT_ID_LEN]
 
 
 @dataclass(frozen=True)
@@ -121,6 +110,7 @@ class RefRow:
     #: may refs made through this one be persistent (an alias: as its grant)
     ceiling: bool = False
     alias: bool = False
+    description: bytes = b""  # the object's stored data (see persistence.summary)
 
 
 #: (stored hash, service) of each ref a deletion revoked
@@ -239,7 +229,8 @@ class Store:
     _REF_SELECT = (
         "SELECT r.short_id, r.object_id, o.service, o.category, r.persistent, r.created,"
         " COALESCE(g.name, ''), COALESCE(p.short_id, ''), o.runtime_id,"
-        " CASE WHEN r.alias THEN COALESCE(p.persistent, 0) ELSE r.persistent END, r.alias"
+        " CASE WHEN r.alias THEN COALESCE(p.persistent, 0) ELSE r.persistent END, r.alias,"
+        " o.description"
         " FROM refs r JOIN objects o ON o.id = r.object_id"
         " LEFT JOIN groups g ON g.id = r.group_id LEFT JOIN refs p ON p.hash = r.parent"
     )
@@ -247,7 +238,7 @@ class Store:
     @staticmethod
     def _row(r: tuple) -> RefRow:  # type: ignore[type-arg]
         return RefRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], r[8], bool(r[9]),
-                      bool(r[10]))
+                      bool(r[10]), bytes(r[11] or b""))
 
     def lookup(self, digest: bytes) -> RefRow | None:
         row = self.db.execute(self._REF_SELECT + " WHERE r.hash = ?", (digest,)).fetchone()
@@ -324,6 +315,13 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO groups (name, created) VALUES (?, ?)",
                             (name, time.time()))
         return self.group_id(name)  # type: ignore[return-value]
+
+    def list_groups(self) -> list[tuple[str, float, int]]:
+        """(name, created, number of refs) of every group, by name."""
+        rows = self.db.execute(
+            "SELECT g.name, g.created, COUNT(r.hash) FROM groups g"
+            " LEFT JOIN refs r ON r.group_id = g.id GROUP BY g.id ORDER BY g.name").fetchall()
+        return [(str(n), float(c), int(k)) for n, c, k in rows]
 
     def group_id(self, name: str) -> int | None:
         row = self.db.execute("SELECT id FROM groups WHERE name = ?", (name,)).fetchone()

@@ -61,7 +61,9 @@ interface Destroyable {
 
 interface Service {
   # Unprivileged bootstrap interface of a service.
-  restore @0 (objectInfo :Data) -> (obj :AnyPointer);
+  restore @0 (objectInfo :Data) -> (obj :AnyPointer, interfaceId :UInt64);
+  # Added: interfaceId is the type id of the object's interface (0: not said), so a
+  # client can tell "this ref is a Filesystem" instead of failing its first call.
   # objectInfo is Data for the same reason as in MetacSturdyRef.
   dropAlias @1 (objectInfo :Data);
   # Added: revoke an alias (Persistable.createSturdyRef with alias) that its

@@ -73,6 +73,15 @@ struct RefInfo {
   # Is the object currently restored in memory?
   parent @7 :Text;
   # Added: short id of the ref this one was minted through ("" for the admin's).
+  description @8 :Text;
+  # Added: what the ref is (a path, an endpoint, an interface...); never a secret.
+}
+
+struct GroupInfo {
+  # Added: one resource group, for `metac ref group ls`.
+  name @0 :Text;
+  created @1 :Float64;
+  refs @2 :UInt32;
 }
 
 interface PersistenceAdmin extends(Core.ServiceAdmin) {
@@ -85,4 +94,6 @@ interface PersistenceAdmin extends(Core.ServiceAdmin) {
   getGroup @5 (name :Text) -> (group :Core.ResourceGroup);
   dropGroup @6 (name :Text) -> (revoked :UInt32);
   # Revokes every ref created in the group.
+  listGroups @7 () -> (groups :List(GroupInfo));
+  # Added: the groups, with how many refs each holds.
 }

@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import socket
+import stat
 from typing import Any
 
 from metac import errors
@@ -32,6 +35,32 @@ def unix_stream(host: StreamHost, ctx: ServiceContext, endpoint: UnixEndpoint) -
                         description=Description("unix", {"path": endpoint.path}))
 
 
+RESOLVE_TIMEOUT = 5.0  # seconds; a name server that does not answer leaves the check to use
+
+
+async def _check_resolves(host: str) -> None:
+    """Refuse an endpoint whose host name does not resolve now (checked at export, not at
+    restore: a persistent ref outlives a name server's bad day)."""
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, None, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
+    except socket.gaierror as exc:
+        raise errors.NotFound(f"cannot resolve {host}: {exc.strerror}") from None
+    except (TimeoutError, OSError):
+        log.info("could not check that %s resolves", host)
+
+
+def _check_socket(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise errors.NotFound(f"{path}: no such socket") from None
+    except OSError:
+        return  # e.g. a permission problem: connecting will tell
+    if not stat.S_ISSOCK(mode):
+        raise errors.InvalidArgument(f"{path}: not a socket")
+
+
 class StreamAdminServer(Servant, stream.StreamServiceAdmin.Server):
     def __init__(self, host: StreamHost, ctx: ServiceContext) -> None:
         self._host = host
@@ -42,6 +71,7 @@ class StreamAdminServer(Servant, stream.StreamServiceAdmin.Server):
             endpoint = TcpEndpoint(host, port)
         except LocatorError as exc:
             raise errors.InvalidArgument(str(exc)) from None
+        await _check_resolves(endpoint.host)
         _context.results.stream = tcp_stream(self._host, self._ctx, endpoint)
 
     async def unixEndpoint(self, path: str, _context: Any, **kwargs: Any) -> None:
@@ -49,6 +79,7 @@ class StreamAdminServer(Servant, stream.StreamServiceAdmin.Server):
             endpoint = UnixEndpoint(path)
         except LocatorError as exc:
             raise errors.InvalidArgument(str(exc)) from None
+        _check_socket(endpoint.path)
         _context.results.stream = unix_stream(self._host, self._ctx, endpoint)
 
 
