@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from metac.testing.guest import GuestUnavailable, find_kernel
+from metac.testing.guest import GuestUnavailable, ensure_kernel, find_kernel
 from metac.testing.nodes import NodeHost, assert_no_leaks, metac_argv, snapshot
 from metac.vm import qemu
 from metac.vm.initrd import build_initrd, module_closure
@@ -131,7 +131,7 @@ class LineReader:
 @pytest.fixture(scope="module")
 def boot_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     try:
-        kernel = find_kernel()
+        kernel = ensure_kernel()  # fetched on first use, as the guest tests do
     except GuestUnavailable as exc:
         pytest.fail(f"the guest kernel is missing: {exc}")
     directory = tmp_path_factory.mktemp("vmboot")
