@@ -97,10 +97,14 @@ def test_block_export_refuses_what_is_not_an_image(pair) -> None:
     a, _, export, _ = pair
     (export / "dir").mkdir()
     os.mkfifo(export / "fifo")
-    for name in ("dir", "fifo", "missing"):
+    # A directory is InvalidArgument with a hint (exit 2), a FIFO FailedPrecondition (6),
+    # a missing path NotFound (3).
+    for name, code in (("dir", 2), ("fifo", 6), ("missing", 3)):
         proc = a.metac("block", "export", f"local:{export}/{name}", check=False)
-        assert proc.returncode in (3, 6), proc.stderr
+        assert proc.returncode == code, proc.stderr
         assert proc.stderr.startswith("metac: ") and len(proc.stderr.splitlines()) == 1
+    assert "use metac fs export" in a.metac("block", "export", f"local:{export}/dir",
+                                            check=False).stderr
 
 
 def test_file_export_cat_put(pair) -> None:
