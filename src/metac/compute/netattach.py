@@ -33,21 +33,17 @@ from metac.core.holder import Revert
 from metac.core.rpc import rpc_errors
 from metac.core.service import ServiceContext
 from metac.core.supervisor import Supervisor, require_program
+from metac.core.underlay import tunnel_mtu, underlay_mtu
 from metac.schema.load import network as net_schema
 
 log = logging.getLogger(__name__)
 
-VXLAN_OVERHEAD = {4: 50, 6: 70}
 HOST_IFNAME_PREFIX = "mcc"
 
 
 def host_ifname() -> str:
     return HOST_IFNAME_PREFIX + secrets.token_hex(5)
 
-
-def tunnel_mtu(underlay_mtu: int, node_address: str) -> int:
-    family = ipaddress.ip_address(node_address).version
-    return max(1280, underlay_mtu - VXLAN_OVERHEAD[family])
 
 
 def host_side_batch(host: str, name: str, pid: int, env_id: str, mtu: int | None) -> str:
@@ -98,20 +94,6 @@ async def run_ip_batch(supervisor: Supervisor, batch: str, *, netns: str | None,
     if code != 0:
         raise errors.InvalidArgument(f"cannot {what}: {message[:300] or f'ip exited {code}'}")
 
-
-def underlay_mtu(node_address: str) -> int:
-    """MTU of the interface carrying the node address (1500 if not found)."""
-    try:
-        from pyroute2 import IPRoute
-    except ImportError:
-        return 1500
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            if msg.get_attr("IFA_ADDRESS") == node_address:
-                links = ipr.get_links(msg["index"])
-                if links:
-                    return int(links[0].get_attr("IFLA_MTU") or 1500)
-    return 1500
 
 
 class CapabilityNet(NetAttacher):

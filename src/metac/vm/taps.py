@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import secrets
@@ -29,13 +28,13 @@ from metac.core.holder import Revert
 from metac.core.rpc import rpc_errors
 from metac.core.service import ServiceContext
 from metac.core.supervisor import Supervisor, require_program
+from metac.core.underlay import tunnel_mtu, underlay_mtu
 from metac.core.untrusted import bounded
 from metac.schema.load import network as net_schema
 
 log = logging.getLogger(__name__)
 
 TAP_PREFIX = "mcq"  # (mcv, mcb, mcp: the net service; mcc: compute)
-VXLAN_OVERHEAD = {4: 50, 6: 70}
 
 
 def tap_name() -> str:
@@ -48,23 +47,6 @@ def random_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
 
 
-def tunnel_mtu(underlay: int, node_address: str) -> int:
-    family = ipaddress.ip_address(node_address).version
-    return max(1280, underlay - VXLAN_OVERHEAD[family])
-
-
-def _underlay_mtu(node_address: str) -> int:
-    try:
-        from pyroute2 import IPRoute
-    except ImportError:
-        return 1500
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            if msg.get_attr("IFA_ADDRESS") == node_address:
-                links = ipr.get_links(msg["index"])
-                if links:
-                    return int(links[0].get_attr("IFLA_MTU") or 1500)
-    return 1500
 
 
 async def run_ip(supervisor: Supervisor, args: list[str], what: str, name: str) -> None:
@@ -99,7 +81,7 @@ class TapNetworks:
         if self._mtu is None:
             address = self._ctx.env.node_address
             underlay = await asyncio.get_running_loop().run_in_executor(
-                None, _underlay_mtu, address)
+                None, underlay_mtu, address)
             self._mtu = tunnel_mtu(underlay, address)
         return self._mtu
 
