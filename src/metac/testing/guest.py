@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TextIO
 
 from metac.core.supervisor import die_with_parent
+from metac.vm import initrd as _initrd
 from metac.vm.initrd import Cpio as _Cpio
 
 __all__ = [
@@ -174,44 +175,14 @@ def find_qemu() -> str:
     return qemu
 
 
-def _module_name(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name.replace("-", "_")
-
-
 def module_closure(modules_dir: Path, names: Iterable[str]) -> list[str]:
-    """Paths (relative to ``modules_dir``) of ``names`` and their deps, deps first.
-
-    Names that are built in (``modules.builtin``) are left out."""
-    deps: dict[str, tuple[str, list[str]]] = {}
-    for line in (modules_dir / "modules.dep").read_text().splitlines():
-        path, sep, rest = line.partition(":")
-        if sep:
-            deps[_module_name(path)] = (path, rest.split())
-    builtin = {_module_name(p) for p in
-               (modules_dir / "modules.builtin").read_text().split()} \
-        if (modules_dir / "modules.builtin").exists() else set()
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in builtin:
-            return
-        if name not in deps:
-            raise GuestUnavailable(f"module {name} is not in {modules_dir}/modules.dep")
-        path, needs = deps[name]
-        if path in order:
-            return
-        for dep in reversed(needs):  # modules.dep lists the deepest dependency last
-            visit(_module_name(dep))
-        if path not in order:
-            order.append(path)
-
-    for name in names:
-        visit(name.replace("-", "_"))
-    return order
+    """Paths (relative to ``modules_dir``) of ``names`` and their deps, deps first
+    (``metac.vm.initrd.module_closure``); a module the tree lacks is GuestUnavailable."""
+    try:
+        return _initrd.module_closure(modules_dir, names)
+    except KeyError as exc:
+        raise GuestUnavailable(f"module {exc.args[0]} is not in {modules_dir}/modules.dep") \
+            from None
 
 
 def _is_static_elf(path: str) -> bool:
