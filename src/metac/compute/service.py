@@ -18,6 +18,7 @@ from metac.compute import persist
 from metac.compute.descriptions import parse_launch, parse_process
 from metac.compute.environment import ComputeHost, ContainerProcess, Environment
 from metac.compute.launcher import ComputeState
+from metac.core.holder import Lease
 from metac.core.rpc import Servant
 from metac.core.service import (
     Description,
@@ -29,23 +30,6 @@ from metac.core.service import (
 from metac.schema.load import compute
 
 log = logging.getLogger(__name__)
-
-
-class Lease:
-    """Keeps an environment alive while the server object holding it exists."""
-
-    def __init__(self, env: Environment) -> None:
-        self.env = env
-        env.leases += 1
-
-    def __del__(self) -> None:
-        env = self.env
-        env.leases -= 1
-        if env.leases <= 0:
-            try:
-                env.schedule_destroy("its last capability was dropped")
-            except RuntimeError:
-                pass  # event loop already closed (service exit destroys everything)
 
 
 class ComputeAdminServer(Servant, compute.ComputeServiceAdmin.Server):
@@ -137,7 +121,7 @@ class EnvironmentServer(_Described, compute.ProcessEnvironment.Server):
         self._ctx = ctx
         self._state = state
         self._env = env
-        self._lease = Lease(env)
+        self._lease = Lease(env, env.schedule_destroy)
 
     def _identity(self) -> str:
         return f"env:{self._env.id}"
@@ -169,7 +153,7 @@ class ProcessServer(_Described, compute.Process.Server):
         self._ctx = ctx
         self._process = process
         self._state = state
-        self._lease = Lease(process.env)
+        self._lease = Lease(process.env, process.env.schedule_destroy)
 
     def _identity(self) -> str:
         return f"process:{self._process.id}"

@@ -65,6 +65,29 @@ class Revert:
         await self.aclose()
 
 
+class Lease:
+    """Keeps ``target`` alive while the server object holding this lease exists.
+
+    ``target`` counts its leases in an int attribute ``leases``; when the last lease is
+    collected, ``end(reason)`` is called (it schedules the teardown: ``__del__`` cannot
+    await). Once the event loop is closed the service's exit tears everything down, so
+    a late collection does nothing."""
+
+    def __init__(self, target: Any, end: Callable[[str], None]) -> None:
+        self._target = target
+        self._end = end
+        target.leases += 1
+
+    def __del__(self) -> None:
+        target = self._target
+        target.leases -= 1
+        if target.leases <= 0:
+            try:
+                self._end("its last capability was dropped")
+            except RuntimeError:
+                pass  # event loop already closed
+
+
 class HolderServer(Servant, core.Holder.Server):
     """A Holder capability: runs its revert stack once, on release or when dropped."""
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from metac import errors
+from metac.core.holder import Lease
 from metac.core.rpc import Servant
 from metac.core.service import (
     Description,
@@ -204,23 +205,6 @@ class VMHost:
         await self.streams.aclose()
 
 
-class Lease:
-    """Keeps a VM running while the server object holding it exists."""
-
-    def __init__(self, vm: VirtualMachine) -> None:
-        self.vm = vm
-        vm.leases += 1
-
-    def __del__(self) -> None:
-        vm = self.vm
-        vm.leases -= 1
-        if vm.leases <= 0:
-            try:
-                vm.schedule_stop("its last capability was dropped")
-            except RuntimeError:
-                pass  # event loop already closed (service exit stops every VM)
-
-
 def vm_runtime_ids(vm_id: str) -> tuple[str, str]:
     """The stored objects of a VM: one for live refs, one for persistent ones."""
     return f"vm:{vm_id}", f"vm:{vm_id}:persistent"
@@ -230,7 +214,7 @@ class VMServer(PersistableMixin, vm_schema.VM.Server):
     def __init__(self, ctx: ServiceContext, vm: VirtualMachine) -> None:
         self._ctx = ctx
         self._vm = vm
-        self._lease = Lease(vm)
+        self._lease = Lease(vm, vm.schedule_stop)
 
     def ref_runtime_id(self, persistent: bool) -> str:
         live_id, persistent_id = vm_runtime_ids(self._vm.id)
